@@ -1,0 +1,1 @@
+//! Virtio devices over PCI (not built yet).
