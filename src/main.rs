@@ -1,1 +1,132 @@
-fn main() {}
+//! The `kite` binary: boots a VM from the command line, serves the Cloud
+//! Hypervisor-compatible REST API on a Unix socket, or both.
+
+mod logger;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use api::cli::{parse_console, parse_cpus, parse_memory, parse_serial};
+use api::config::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use clap::Parser;
+use vmm::{Vmm, VmmExit};
+
+/// kite: a small, fast KVM virtual machine monitor.
+#[derive(Parser, Debug)]
+#[command(name = "kite", version, about)]
+struct Cli {
+    /// Kernel to boot: an ELF vmlinux with a PVH entry, or a bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs to load with the kernel.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// vCPUs: boot=N[,max=M].
+    #[arg(long, value_parser = parse_cpus)]
+    cpus: Option<CpusConfig>,
+    /// Guest memory: size=<bytes>[K|M|G].
+    #[arg(long, value_parser = parse_memory)]
+    memory: Option<MemoryConfig>,
+    /// COM1 output: tty, file=PATH, null or off.
+    #[arg(long, value_parser = parse_serial, default_value = "tty")]
+    serial: ConsoleConfig,
+    /// virtio-console: off or null (kite has no virtio-console yet).
+    #[arg(long, value_parser = parse_console, default_value = "off")]
+    console: ConsoleConfig,
+    /// Serve the REST API on this Unix socket: PATH or path=PATH.
+    #[arg(long)]
+    api_socket: Option<String>,
+    /// Write the log here instead of stderr.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+    /// More log output (repeat for more).
+    #[arg(short, action = clap::ArgAction::Count)]
+    v: u8,
+}
+
+impl Cli {
+    fn api_socket_path(&self) -> Option<PathBuf> {
+        self.api_socket.as_deref().map(|s| {
+            PathBuf::from(s.strip_prefix("path=").unwrap_or(s))
+        })
+    }
+
+    /// The VM the command line describes, if any.
+    fn vm_config(&self) -> Result<Option<VmConfig>, String> {
+        let Some(kernel) = self.kernel.clone() else {
+            let vm_options = self.initramfs.is_some()
+                || self.cmdline.is_some()
+                || self.cpus.is_some()
+                || self.memory.is_some();
+            return if vm_options {
+                Err("--kernel is required to boot a VM".into())
+            } else {
+                Ok(None)
+            };
+        };
+        let config = VmConfig {
+            cpus: self.cpus.clone().unwrap_or_default(),
+            memory: self.memory.clone().unwrap_or_default(),
+            payload: PayloadConfig {
+                kernel: Some(kernel),
+                initramfs: self.initramfs.clone(),
+                cmdline: self.cmdline.clone(),
+            },
+            serial: self.serial.clone(),
+            console: self.console.clone(),
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(Some(config))
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let config = cli.vm_config()?;
+    let socket = cli.api_socket_path();
+    if config.is_none() && socket.is_none() {
+        return Err("nothing to do: give --kernel to boot a VM or --api-socket to serve the API".into());
+    }
+    let vmm = Vmm::start(socket.is_none()).map_err(|e| e.to_string())?;
+    if let Some(path) = &socket {
+        if let Err(e) = api::http::start_http_server(path, vmm.sender()) {
+            let _ = vmm.stop();
+            return Err(e.to_string());
+        }
+    }
+    if let Some(config) = config {
+        if let Err(e) = vmm.create(config).and_then(|()| vmm.boot()) {
+            let _ = vmm.stop();
+            return Err(e.to_string());
+        }
+    }
+    let exit = vmm.wait().map_err(|e| e.to_string());
+    if let Some(path) = &socket {
+        let _ = std::fs::remove_file(path);
+    }
+    match exit? {
+        VmmExit::Shutdown | VmmExit::GuestPoweredOff => Ok(()),
+        VmmExit::GuestFailed(why) => Err(format!("guest failed: {why}")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log_file = match cli.log_file.as_ref().map(std::fs::File::create).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("kite: cannot open log file: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    logger::init(cli.v, log_file);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kite: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

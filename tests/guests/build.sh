@@ -1,0 +1,28 @@
+#!/bin/sh
+# Builds the kite test guests (PVH ELF images, see common.S) into OUTDIR:
+#   triple_fault.elf    ring-0 #UD with a zero-limit IDT   -> KVM_EXIT_SHUTDOWN
+#   internal_error.elf  ring-0 INT3 (emulation failure here, triple fault on hw KVM)
+#   unhandled_io.elf    ring-3 accesses to unimplemented ports/MMIO, then power off
+#   serial_flood.elf    ring-3 endless stream of 'x' lines on COM1
+#   counter.elf         ring-3 "COUNT <n>" line every ~20 ms, forever
+#   poweroff.elf        READY, then ACPI power off (port 0x600 <- 0x34)
+#   reset.elf           READY, then i8042 reset (port 0x64 <- 0xfe)
+# Usage: build.sh OUTDIR   (needs gcc and GNU ld; exits non-zero on failure)
+set -e
+if [ $# -ne 1 ]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 2
+fi
+src=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$1"
+out=$(cd "$1" && pwd)
+# Older binutils do not know --no-warn-rwx-segments; the single RWX segment is intended.
+ldflags=
+if ld --help 2>/dev/null | grep -q -- --no-warn-rwx-segments; then
+  ldflags=--no-warn-rwx-segments
+fi
+for name in triple_fault internal_error unhandled_io serial_flood counter poweroff reset; do
+  gcc -c -nostdlib -ffreestanding -I"$src" "$src/$name.S" -o "$out/$name.o"
+  ld -m elf_x86_64 -static -nostdlib $ldflags -T "$src/guest.ld" "$out/$name.o" -o "$out/$name.elf"
+  rm -f "$out/$name.o"
+done

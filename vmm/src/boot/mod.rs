@@ -1,0 +1,199 @@
+//! Loading a guest payload: the kernel (PVH ELF or bzImage), the initramfs and
+//! the command line, plus the memory map each boot protocol hands the guest.
+
+pub mod linux;
+pub mod pvh;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIGH_RAM_START, MMIO_HOLE_START,
+    PCI_MMCONFIG_SIZE, PCI_MMCONFIG_START,
+};
+use crate::memory::GuestMemoryMmap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot open kernel {path}: {source}")]
+    OpenKernel { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a kernel kite can boot (neither a PVH ELF nor a bzImage): {reason}")]
+    NotAKernel { path: PathBuf, reason: String },
+    #[error("ELF kernel {0} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")]
+    NoPvhEntry(PathBuf),
+    #[error("bzImage {0} does not support the 64-bit boot protocol")]
+    NotBzImage64(PathBuf),
+    #[error("cannot load kernel {path}: {reason}")]
+    LoadKernel { path: PathBuf, reason: String },
+    #[error("cannot read initramfs {path}: {source}")]
+    ReadInitramfs { path: PathBuf, source: std::io::Error },
+    #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel")]
+    InitramfsTooBig { path: PathBuf, size: u64 },
+    #[error("kernel command line is {0} bytes; the limit is {CMDLINE_MAX_SIZE}")]
+    CmdlineTooLong(usize),
+    #[error("kernel command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("cannot write boot data to guest memory: {0}")]
+    GuestMemory(String),
+}
+
+/// How the boot vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// 32-bit protected mode, paging off, `rbx` = `hvm_start_info`.
+    Pvh { entry: GuestAddress },
+    /// 64-bit long mode on identity page tables, `rsi` = `boot_params`.
+    Linux64 { entry: GuestAddress },
+}
+
+/// What a boot needs, taken from `PayloadConfig`.
+pub struct Payload<'a> {
+    pub kernel: &'a Path,
+    pub initramfs: Option<&'a Path>,
+    pub cmdline: &'a str,
+}
+
+/// An initramfs placed in guest memory.
+#[derive(Clone, Copy, Debug)]
+pub struct InitramfsRegion {
+    pub addr: GuestAddress,
+    pub size: u64,
+}
+
+/// e820 types.
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+/// The memory map both boot protocols hand the guest: (start, size, type).
+pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIGH_RAM_START - EBDA_START, E820_RESERVED),
+    ];
+    for region in mem.iter() {
+        let start = region.start_addr().raw_value().max(HIGH_RAM_START);
+        let end = region.start_addr().raw_value() + region.len();
+        if end > start {
+            map.push((start, end - start, E820_RAM));
+        }
+    }
+    map.push((PCI_MMCONFIG_START, PCI_MMCONFIG_SIZE, E820_RESERVED));
+    map.sort_unstable();
+    map
+}
+
+/// Loads kernel, command line and initramfs; says how to enter the kernel.
+pub fn load_payload(
+    mem: &GuestMemoryMmap,
+    payload: &Payload,
+    rsdp: GuestAddress,
+) -> Result<EntryPoint, BootError> {
+    let cmdline = write_cmdline(mem, payload.cmdline)?;
+    let path = payload.kernel;
+    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START))) {
+        Ok(loaded) => {
+            let entry = match loaded.pvh_boot_cap {
+                loader::elf::PvhBootCapability::PvhEntryPresent(entry) => entry,
+                _ => return Err(BootError::NoPvhEntry(path.to_path_buf())),
+            };
+            let initrd = load_initramfs(mem, payload.initramfs, loaded.kernel_end, u64::MAX)?;
+            pvh::write_start_info(mem, cmdline, initrd, rsdp)?;
+            Ok(EntryPoint::Pvh { entry })
+        }
+        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
+            let loaded = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START)))
+                .map_err(|e| BootError::NotAKernel {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+            let header = loaded.setup_header.ok_or_else(|| BootError::NotAKernel {
+                path: path.to_path_buf(),
+                reason: "no setup header".into(),
+            })?;
+            if header.xloadflags & linux::XLF_KERNEL_64 == 0 {
+                return Err(BootError::NotBzImage64(path.to_path_buf()));
+            }
+            let max = u64::from(header.initrd_addr_max);
+            let initrd = load_initramfs(mem, payload.initramfs, loaded.kernel_end, max)?;
+            linux::write_boot_params(mem, header, cmdline, initrd, rsdp)?;
+            Ok(EntryPoint::Linux64 {
+                entry: loaded.kernel_load.unchecked_add(linux::ENTRY_64_OFFSET),
+            })
+        }
+        Err(e) => Err(BootError::LoadKernel {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Where the command line went and how long it is (with its NUL).
+#[derive(Clone, Copy, Debug)]
+pub struct CmdlineRegion {
+    pub addr: GuestAddress,
+    pub size: u32,
+}
+
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<CmdlineRegion, BootError> {
+    if cmdline.len() >= CMDLINE_MAX_SIZE {
+        return Err(BootError::CmdlineTooLong(cmdline.len()));
+    }
+    if cmdline.contains('\0') {
+        return Err(BootError::CmdlineNul);
+    }
+    let addr = GuestAddress(CMDLINE_START);
+    let mut bytes = Vec::with_capacity(cmdline.len() + 1);
+    bytes.extend_from_slice(cmdline.as_bytes());
+    bytes.push(0);
+    mem.write_slice(&bytes, addr)
+        .map_err(|e| BootError::GuestMemory(e.to_string()))?;
+    Ok(CmdlineRegion {
+        addr,
+        size: bytes.len() as u32,
+    })
+}
+
+/// Puts the initramfs at the top of low RAM (below `max_addr`), page aligned,
+/// above the kernel. Reads straight from the file into guest memory.
+fn load_initramfs(
+    mem: &GuestMemoryMmap,
+    path: Option<&Path>,
+    kernel_end: u64,
+    max_addr: u64,
+) -> Result<Option<InitramfsRegion>, BootError> {
+    let Some(path) = path else { return Ok(None) };
+    let read_err = |source| BootError::ReadInitramfs {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    let low_end = mem
+        .iter()
+        .next()
+        .map(|r| r.len())
+        .unwrap_or(0)
+        .min(MMIO_HOLE_START)
+        .min(max_addr.saturating_add(1));
+    let too_big = || BootError::InitramfsTooBig {
+        path: path.to_path_buf(),
+        size,
+    };
+    let addr = low_end.checked_sub(size).ok_or_else(too_big)? & !0xfff;
+    if addr < kernel_end {
+        return Err(too_big());
+    }
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| BootError::GuestMemory(format!("initramfs {}: {e}", path.display())))?;
+    Ok(Some(InitramfsRegion {
+        addr: GuestAddress(addr),
+        size,
+    }))
+}

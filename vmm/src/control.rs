@@ -1,0 +1,394 @@
+//! The control loop: the one thread that owns the VM. It waits (epoll) on the
+//! API command channel, on VM events from devices and vCPUs, and on stdin when
+//! the serial console is the terminal, and does what each asks.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use api::config::VmConfig;
+use api::{ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, VmInfo, VmState, VmmPingResponse};
+use crossbeam_channel::Receiver;
+use devices::{VmEvent, VmEventSender};
+use kvm_ioctls::Kvm;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::console::{RawTerminal, SerialSink};
+use crate::vm::{Vm, VmError};
+use crate::VmmError;
+
+const TOKEN_API: u64 = 0;
+const TOKEN_VM_EVENT: u64 = 1;
+const TOKEN_STDIN: u64 = 2;
+
+/// Why the control loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmExit {
+    /// `vmm.shutdown`, or the command channel closed.
+    Shutdown,
+    /// The guest powered off and no API is serving (CLI mode).
+    GuestPoweredOff,
+    /// The guest failed and no API is serving (CLI mode).
+    GuestFailed(String),
+}
+
+/// The created VM: its config, its console, and the running machine if any.
+struct Instance {
+    config: VmConfig,
+    state: VmState,
+    sink: SerialSink,
+    vm: Option<Vm>,
+}
+
+pub struct ControlLoop {
+    kvm: Kvm,
+    epoll: Epoll,
+    api_rx: Receiver<ApiRequest>,
+    api_wake: Arc<EventFd>,
+    event_rx: Receiver<VmEvent>,
+    event_wake: Arc<EventFd>,
+    events: VmEventSender,
+    instance: Option<Instance>,
+    /// In CLI mode (no API) the process ends with the guest.
+    exit_with_guest: bool,
+    stdin_registered: bool,
+    _raw_terminal: Option<RawTerminal>,
+}
+
+impl ControlLoop {
+    pub fn new(
+        api_rx: Receiver<ApiRequest>,
+        api_wake: Arc<EventFd>,
+        exit_with_guest: bool,
+    ) -> Result<ControlLoop, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        crate::vcpu::register_kick_signal().map_err(VmmError::Signal)?;
+        let epoll = Epoll::new().map_err(VmmError::Epoll)?;
+        let event_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Epoll)?);
+        let (tx, event_rx) = crossbeam_channel::unbounded();
+        let events = VmEventSender::new(tx, event_wake.clone());
+        for (fd, token) in [
+            (api_wake.as_raw_fd(), TOKEN_API),
+            (event_wake.as_raw_fd(), TOKEN_VM_EVENT),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(VmmError::Epoll)?;
+        }
+        Ok(ControlLoop {
+            kvm,
+            epoll,
+            api_rx,
+            api_wake,
+            event_rx,
+            event_wake,
+            events,
+            instance: None,
+            exit_with_guest,
+            stdin_registered: false,
+            _raw_terminal: None,
+        })
+    }
+
+    pub fn run(mut self) -> VmmExit {
+        let mut ready = [EpollEvent::default(); 4];
+        loop {
+            let n = match self.epoll.wait(-1, &mut ready) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("epoll failed: {e}");
+                    return VmmExit::Shutdown;
+                }
+            };
+            for ev in &ready[..n] {
+                let exit = match ev.data() {
+                    TOKEN_API => self.handle_api(),
+                    TOKEN_VM_EVENT => self.handle_vm_events(),
+                    TOKEN_STDIN => {
+                        self.handle_stdin();
+                        None
+                    }
+                    _ => None,
+                };
+                if let Some(exit) = exit {
+                    self.teardown();
+                    return exit;
+                }
+            }
+        }
+    }
+
+    fn teardown(&mut self) {
+        if let Some(mut inst) = self.instance.take() {
+            if let Some(vm) = inst.vm.as_mut() {
+                vm.stop();
+            }
+        }
+    }
+
+    fn handle_api(&mut self) -> Option<VmmExit> {
+        let _ = self.api_wake.read();
+        while let Ok(req) = self.api_rx.try_recv() {
+            let shutdown = matches!(req.action, ApiAction::VmmShutdown);
+            log::debug!("API request: {:?}", req.action);
+            let reply = self.dispatch(req.action);
+            if let Err(e) = &reply {
+                log::warn!("API request failed: {e}");
+            }
+            // The client may have gone away; that is not the VMM's problem.
+            let _ = req.reply.send(reply);
+            if shutdown {
+                return Some(VmmExit::Shutdown);
+            }
+        }
+        None
+    }
+
+    fn dispatch(&mut self, action: ApiAction) -> ApiReply {
+        match action {
+            ApiAction::VmmPing => Ok(ApiResponse::Ping(VmmPingResponse {
+                build_version: env!("CARGO_PKG_VERSION").into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: i64::from(std::process::id()),
+                features: vec!["kvm".into()],
+            })),
+            ApiAction::VmmShutdown => {
+                self.teardown();
+                Ok(ApiResponse::Empty)
+            }
+            ApiAction::VmCreate(config) => self.create(*config),
+            ApiAction::VmBoot => self.boot(),
+            ApiAction::VmInfo => {
+                let inst = self.instance.as_ref().ok_or(ApiError::VmNotCreated)?;
+                Ok(ApiResponse::Info(Box::new(VmInfo {
+                    config: inst.config.clone(),
+                    state: inst.state,
+                    memory_actual_size: inst.config.memory.size,
+                    device_tree: BTreeMap::new(),
+                })))
+            }
+            ApiAction::VmCounters => {
+                self.instance.as_ref().ok_or(ApiError::VmNotCreated)?;
+                Ok(ApiResponse::Counters(BTreeMap::new()))
+            }
+            ApiAction::VmPause => {
+                let inst = instance_in(&mut self.instance, "pause", &[VmState::Running])?;
+                if let Some(vm) = &inst.vm {
+                    vm.pause();
+                }
+                inst.state = VmState::Paused;
+                Ok(ApiResponse::Empty)
+            }
+            ApiAction::VmResume => {
+                let inst = instance_in(&mut self.instance, "resume", &[VmState::Paused])?;
+                if let Some(vm) = &inst.vm {
+                    vm.resume();
+                }
+                inst.state = VmState::Running;
+                Ok(ApiResponse::Empty)
+            }
+            ApiAction::VmShutdown => {
+                instance_in(&mut self.instance, "shut down", &[VmState::Running, VmState::Paused])?;
+                self.stop_vm();
+                Ok(ApiResponse::Empty)
+            }
+            ApiAction::VmReboot => {
+                instance_in(&mut self.instance, "reboot", &[VmState::Running, VmState::Paused])?;
+                self.reboot().map_err(vm_api_error)?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiAction::VmPowerButton => {
+                let inst = instance_in(&mut self.instance, "press the power button of", &[VmState::Running])?;
+                if let Some(vm) = &inst.vm {
+                    vm.power_button()
+                        .map_err(|e| ApiError::Internal(format!("power button: {e}")))?;
+                }
+                Ok(ApiResponse::Empty)
+            }
+            ApiAction::VmDelete => {
+                self.teardown();
+                self.drain_vm_events();
+                Ok(ApiResponse::Empty)
+            }
+        }
+    }
+
+    fn create(&mut self, config: VmConfig) -> ApiReply {
+        if self.instance.is_some() {
+            return Err(ApiError::VmAlreadyCreated);
+        }
+        config
+            .validate()
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        crate::host::check_fits(&config).map_err(ApiError::BadRequest)?;
+        let sink = SerialSink::open(&config.serial).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let vm = build_vm(&self.kvm, &self.events, &config, &sink).map_err(vm_api_error)?;
+        if sink.reads_stdin() {
+            self.attach_stdin();
+        }
+        self.instance = Some(Instance {
+            config,
+            state: VmState::Created,
+            sink,
+            vm: Some(vm),
+        });
+        Ok(ApiResponse::Empty)
+    }
+
+    fn boot(&mut self) -> ApiReply {
+        let inst = instance_in(&mut self.instance, "boot", &[VmState::Created, VmState::Shutdown])?;
+        if inst.vm.is_none() {
+            // Booting again after a shutdown: build a fresh machine.
+            let vm = build_vm(&self.kvm, &self.events, &inst.config, &inst.sink);
+            inst.vm = Some(vm.map_err(vm_api_error)?);
+        }
+        if let Some(vm) = inst.vm.as_mut() {
+            vm.start().map_err(vm_api_error)?;
+        }
+        inst.state = VmState::Running;
+        log::info!("VM booted");
+        Ok(ApiResponse::Empty)
+    }
+
+    /// Stops the running VM and frees it; the config stays for another boot.
+    fn stop_vm(&mut self) {
+        if let Some(inst) = self.instance.as_mut() {
+            if let Some(mut vm) = inst.vm.take() {
+                vm.stop();
+            }
+            inst.state = VmState::Shutdown;
+        }
+        // Events the stopped VM raised on its way down no longer apply.
+        self.drain_vm_events();
+    }
+
+    fn reboot(&mut self) -> Result<(), VmError> {
+        self.stop_vm();
+        let Some(inst) = self.instance.as_ref() else {
+            return Ok(());
+        };
+        let mut vm = build_vm(&self.kvm, &self.events, &inst.config, &inst.sink)?;
+        vm.start()?;
+        if let Some(inst) = self.instance.as_mut() {
+            inst.vm = Some(vm);
+            inst.state = VmState::Running;
+        }
+        log::info!("VM rebooted");
+        Ok(())
+    }
+
+    fn drain_vm_events(&mut self) {
+        let _ = self.event_wake.read();
+        while self.event_rx.try_recv().is_ok() {}
+    }
+
+    fn handle_vm_events(&mut self) -> Option<VmmExit> {
+        let _ = self.event_wake.read();
+        while let Ok(event) = self.event_rx.try_recv() {
+            match event {
+                VmEvent::PowerOff => {
+                    self.stop_vm();
+                    log::info!("guest powered off");
+                    if self.exit_with_guest {
+                        return Some(VmmExit::GuestPoweredOff);
+                    }
+                }
+                VmEvent::Reset => {
+                    if let Err(e) = self.reboot() {
+                        log::error!("guest reset failed: {e}");
+                        self.stop_vm();
+                        if self.exit_with_guest {
+                            return Some(VmmExit::GuestFailed(format!("reboot failed: {e}")));
+                        }
+                    }
+                }
+                VmEvent::Failed(why) => {
+                    self.stop_vm();
+                    log::error!("guest failed: {why}; the VM is shut down");
+                    if self.exit_with_guest {
+                        return Some(VmmExit::GuestFailed(why));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn attach_stdin(&mut self) {
+        if self.stdin_registered {
+            return;
+        }
+        self._raw_terminal = RawTerminal::enable();
+        let fd = std::io::stdin().as_raw_fd();
+        match self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, TOKEN_STDIN),
+        ) {
+            Ok(()) => self.stdin_registered = true,
+            // A regular file or /dev/null cannot be polled: no serial input then.
+            Err(e) => log::debug!("stdin not pollable, no serial input: {e}"),
+        }
+    }
+
+    fn handle_stdin(&mut self) {
+        let mut buf = [0u8; 64];
+        match std::io::stdin().lock().read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let fd = std::io::stdin().as_raw_fd();
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                self.stdin_registered = false;
+            }
+            Ok(n) => {
+                if let Some(vm) = self.instance.as_ref().and_then(|i| i.vm.as_ref()) {
+                    vm.serial_input(&buf[..n]);
+                }
+            }
+        }
+    }
+}
+
+fn vm_api_error(e: VmError) -> ApiError {
+    if e.is_client_error() {
+        ApiError::BadRequest(e.to_string())
+    } else {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+/// The instance, if its state is one of `allowed` (404 or 405 otherwise).
+fn instance_in<'a>(
+    instance: &'a mut Option<Instance>,
+    action: &'static str,
+    allowed: &[VmState],
+) -> Result<&'a mut Instance, ApiError> {
+    let inst = instance.as_mut().ok_or(ApiError::VmNotCreated)?;
+    if !allowed.contains(&inst.state) {
+        return Err(ApiError::InvalidState {
+            action,
+            state: inst.state,
+        });
+    }
+    Ok(inst)
+}
+
+fn build_vm(
+    kvm: &Kvm,
+    events: &VmEventSender,
+    config: &VmConfig,
+    sink: &SerialSink,
+) -> Result<Vm, VmError> {
+    let out = sink
+        .writer()
+        .map_err(|e| VmError::EventFd("serial output", e))?;
+    Vm::new(kvm, config, out, events.clone())
+}

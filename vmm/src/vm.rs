@@ -1,0 +1,266 @@
+//! One virtual machine: the KVM VM with its interrupt controllers, guest
+//! memory, the platform devices on their buses, the loaded payload and the
+//! vCPUs. Built whole by [`Vm::new`], then started, paused and stopped.
+
+use std::sync::{Arc, Mutex};
+
+use api::config::VmConfig;
+use devices::acpi_pm::{
+    AcpiPmTimer, AcpiSleep, ACPI_PM_TIMER_LEN, ACPI_PM_TIMER_PORT, ACPI_SLEEP_PORT,
+    ACPI_SLEEP_PORT_LEN,
+};
+use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
+use devices::ged::{Ged, GED_MMIO_LEN, GED_POWER_BUTTON};
+use devices::i8042::{I8042, I8042_DATA_PORT};
+use devices::serial::{Serial, SerialOutput, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use devices::{Bus, BusDevice, BusError, VmEventSender};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError, Payload};
+use crate::layout::{GED_IRQ, GED_MMIO_START};
+use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::vcpu::VcpuThreads;
+use crate::x86::{self, CpuError};
+
+/// Intel VT needs these two pages for real-mode emulation; keep them out of RAM.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Acpi(#[from] crate::acpi::AcpiError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    #[error("cannot place {device} on the bus: {source}")]
+    Bus {
+        device: &'static str,
+        source: BusError,
+    },
+    #[error("cannot create an eventfd for {0}: {1}")]
+    EventFd(&'static str, std::io::Error),
+    #[error("cannot start vCPU threads: {0}")]
+    Threads(std::io::Error),
+    #[error("the VM has no kernel to boot")]
+    NoKernel,
+}
+
+impl VmError {
+    /// True when the request (not the host) is at fault: a bad kernel,
+    /// initramfs or command line.
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, VmError::Boot(_) | VmError::NoKernel)
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+enum Threads {
+    /// Built, not started yet.
+    Ready(Vec<VcpuFd>),
+    Running(VcpuThreads),
+    Stopped,
+}
+
+pub struct Vm {
+    // Field order matters for drop: vCPUs go before the VM fd and memory.
+    threads: Threads,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Option<Arc<Mutex<Serial>>>,
+    ged: Arc<Mutex<Ged>>,
+    events: VmEventSender,
+    _fd: VmFd,
+    _memory: GuestMemoryMmap,
+}
+
+impl Vm {
+    /// Builds the whole VM from `config`. `serial_out` is where COM1 writes
+    /// (None when the serial port is off).
+    pub fn new(
+        kvm: &Kvm,
+        config: &VmConfig,
+        serial_out: Option<SerialOutput>,
+        events: VmEventSender,
+    ) -> Result<Vm, VmError> {
+        let fd = kvm.create_vm().map_err(kvm_err("create the KVM VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("set the TSS address"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("set the identity map address"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+
+        let mem = memory::create_guest_memory(config.memory.size, true)?;
+        memory::register_with_kvm(&fd, &mem)?;
+
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let serial = match serial_out {
+            Some(out) => {
+                let irq = irqfd(&fd, COM1_IRQ, "COM1")?;
+                let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
+                insert(&mut pio, serial.clone(), COM1_PORT, COM1_PORT_LEN, "COM1")?;
+                Some(serial)
+            }
+            None => None,
+        };
+        insert(
+            &mut pio,
+            Arc::new(Mutex::new(I8042::new(events.clone()))),
+            I8042_DATA_PORT,
+            5,
+            "i8042",
+        )?;
+        insert(&mut pio, Arc::new(Mutex::new(Cmos::default())), CMOS_PORT, CMOS_PORT_LEN, "CMOS")?;
+        insert(
+            &mut pio,
+            Arc::new(Mutex::new(AcpiSleep::new(events.clone()))),
+            ACPI_SLEEP_PORT,
+            ACPI_SLEEP_PORT_LEN,
+            "ACPI sleep/reset",
+        )?;
+        insert(
+            &mut pio,
+            Arc::new(Mutex::new(AcpiPmTimer::default())),
+            ACPI_PM_TIMER_PORT,
+            ACPI_PM_TIMER_LEN,
+            "ACPI PM timer",
+        )?;
+        let ged = Arc::new(Mutex::new(Ged::new(irqfd(&fd, GED_IRQ, "GED")?)));
+        insert(&mut mmio, ged.clone(), GED_MMIO_START, GED_MMIO_LEN, "GED")?;
+
+        let cpus = &config.cpus;
+        let rsdp = crate::acpi::create_acpi_tables(&mem, cpus.boot_vcpus, cpus.max_vcpus)?;
+        let kernel = config.payload.kernel.as_deref().ok_or(VmError::NoKernel)?;
+        let payload = Payload {
+            kernel,
+            initramfs: config.payload.initramfs.as_deref(),
+            cmdline: config.payload.cmdline.as_deref().unwrap_or(""),
+        };
+        let entry = boot::load_payload(&mem, &payload, rsdp)?;
+
+        let base_cpuid = x86::cpuid::supported_cpuid(kvm)?;
+        let mut vcpus = Vec::with_capacity(usize::from(cpus.boot_vcpus));
+        for id in 0..cpus.boot_vcpus {
+            let vcpu = fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create a vCPU"))?;
+            x86::cpuid::set_cpuid(&vcpu, &base_cpuid, id, cpus.boot_vcpus)?;
+            x86::regs::setup_common(&vcpu, id)?;
+            if id == 0 {
+                x86::regs::setup_boot_vcpu(&vcpu, &mem, entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+        log::info!(
+            "VM built: {} vCPUs, {} MiB, entry {entry:?}",
+            cpus.boot_vcpus,
+            config.memory.size >> 20
+        );
+
+        Ok(Vm {
+            threads: Threads::Ready(vcpus),
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            serial,
+            ged,
+            events,
+            _fd: fd,
+            _memory: mem,
+        })
+    }
+
+    /// Starts the vCPU threads; the guest runs from here on.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        if let Threads::Ready(vcpus) = std::mem::replace(&mut self.threads, Threads::Stopped) {
+            let threads = VcpuThreads::start(
+                vcpus,
+                self.pio.clone(),
+                self.mmio.clone(),
+                self.events.clone(),
+            )
+            .map_err(VmError::Threads)?;
+            self.threads = Threads::Running(threads);
+        }
+        Ok(())
+    }
+
+    pub fn pause(&self) {
+        if let Threads::Running(t) = &self.threads {
+            t.pause();
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Threads::Running(t) = &self.threads {
+            t.resume();
+        }
+    }
+
+    /// Stops the vCPU threads for good; the VM can then only be dropped.
+    pub fn stop(&mut self) {
+        if let Threads::Running(t) = std::mem::replace(&mut self.threads, Threads::Stopped) {
+            t.stop();
+        }
+    }
+
+    /// Presses the ACPI power button.
+    pub fn power_button(&self) -> std::io::Result<()> {
+        devices::bus::lock(&self.ged).notify(GED_POWER_BUTTON)
+    }
+
+    /// Gives host input to the guest's serial port.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        match &self.serial {
+            Some(s) => devices::bus::lock(s).enqueue_input(bytes),
+            None => 0,
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An eventfd wired to `gsi` with KVM_IRQFD: writing it interrupts the guest.
+fn irqfd(fd: &VmFd, gsi: u32, device: &'static str) -> Result<EventFd, VmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd(device, e))?;
+    fd.register_irqfd(&evt, gsi)
+        .map_err(kvm_err("register an irqfd"))?;
+    Ok(evt)
+}
+
+fn insert(
+    bus: &mut Bus,
+    device: Arc<Mutex<dyn BusDevice>>,
+    base: u64,
+    len: u64,
+    name: &'static str,
+) -> Result<(), VmError> {
+    bus.insert(device, base, len)
+        .map_err(|source| VmError::Bus {
+            device: name,
+            source,
+        })
+}
