@@ -11,6 +11,7 @@ use api::config::VmConfig;
 use api::{ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, VmInfo, VmState, VmmPingResponse};
 use crossbeam_channel::Receiver;
 use devices::{VmEvent, VmEventSender};
+use kvm_bindings::CpuId;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -44,6 +45,7 @@ struct Instance {
 
 pub struct ControlLoop {
     kvm: Kvm,
+    cpuid: CpuId,
     epoll: Epoll,
     api_rx: Receiver<ApiRequest>,
     api_wake: Arc<EventFd>,
@@ -64,6 +66,7 @@ impl ControlLoop {
         exit_with_guest: bool,
     ) -> Result<ControlLoop, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let cpuid = crate::x86::cpuid::supported_cpuid(&kvm).map_err(VmmError::Cpuid)?;
         crate::vcpu::register_kick_signal().map_err(VmmError::Signal)?;
         let epoll = Epoll::new().map_err(VmmError::Epoll)?;
         let event_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Epoll)?);
@@ -83,6 +86,7 @@ impl ControlLoop {
         }
         Ok(ControlLoop {
             kvm,
+            cpuid,
             epoll,
             api_rx,
             api_wake,
@@ -126,9 +130,9 @@ impl ControlLoop {
     }
 
     fn teardown(&mut self) {
-        if let Some(mut inst) = self.instance.take() {
-            if let Some(vm) = inst.vm.as_mut() {
-                vm.stop();
+        if let Some(inst) = self.instance.take() {
+            if let Some(vm) = inst.vm {
+                vm.dispose();
             }
         }
     }
@@ -229,7 +233,7 @@ impl ControlLoop {
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         crate::host::check_fits(&config).map_err(ApiError::BadRequest)?;
         let sink = SerialSink::open(&config.serial).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let vm = build_vm(&self.kvm, &self.events, &config, &sink).map_err(vm_api_error)?;
+        let vm = build_vm(&self.kvm, &self.cpuid, &self.events, &config, &sink).map_err(vm_api_error)?;
         if sink.reads_stdin() {
             self.attach_stdin();
         }
@@ -246,7 +250,7 @@ impl ControlLoop {
         let inst = instance_in(&mut self.instance, "boot", &[VmState::Created, VmState::Shutdown])?;
         if inst.vm.is_none() {
             // Booting again after a shutdown: build a fresh machine.
-            let vm = build_vm(&self.kvm, &self.events, &inst.config, &inst.sink);
+            let vm = build_vm(&self.kvm, &self.cpuid, &self.events, &inst.config, &inst.sink);
             inst.vm = Some(vm.map_err(vm_api_error)?);
         }
         if let Some(vm) = inst.vm.as_mut() {
@@ -260,8 +264,8 @@ impl ControlLoop {
     /// Stops the running VM and frees it; the config stays for another boot.
     fn stop_vm(&mut self) {
         if let Some(inst) = self.instance.as_mut() {
-            if let Some(mut vm) = inst.vm.take() {
-                vm.stop();
+            if let Some(vm) = inst.vm.take() {
+                vm.dispose();
             }
             inst.state = VmState::Shutdown;
         }
@@ -274,7 +278,7 @@ impl ControlLoop {
         let Some(inst) = self.instance.as_ref() else {
             return Ok(());
         };
-        let mut vm = build_vm(&self.kvm, &self.events, &inst.config, &inst.sink)?;
+        let mut vm = build_vm(&self.kvm, &self.cpuid, &self.events, &inst.config, &inst.sink)?;
         vm.start()?;
         if let Some(inst) = self.instance.as_mut() {
             inst.vm = Some(vm);
@@ -383,6 +387,7 @@ fn instance_in<'a>(
 
 fn build_vm(
     kvm: &Kvm,
+    cpuid: &CpuId,
     events: &VmEventSender,
     config: &VmConfig,
     sink: &SerialSink,
@@ -390,5 +395,5 @@ fn build_vm(
     let out = sink
         .writer()
         .map_err(|e| VmError::EventFd("serial output", e))?;
-    Vm::new(kvm, config, out, events.clone())
+    Vm::new(kvm, cpuid, config, out, events.clone())
 }

@@ -150,9 +150,15 @@ impl VcpuThreads {
 
     /// Ends every vCPU thread and waits for them.
     pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for VcpuThreads {
+    fn drop(&mut self) {
         self.control.set(Want::Stop);
         self.kick();
-        for t in self.threads {
+        for t in self.threads.drain(..) {
             let name = t.thread().name().unwrap_or("vcpu").to_string();
             // Keep kicking until each thread is gone: one may be about to enter KVM_RUN.
             while !t.is_finished() {

@@ -14,7 +14,7 @@ use devices::ged::{Ged, GED_MMIO_LEN, GED_POWER_BUTTON};
 use devices::i8042::{I8042, I8042_DATA_PORT};
 use devices::serial::{Serial, SerialOutput, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use devices::{Bus, BusDevice, BusError, VmEventSender};
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -71,27 +71,30 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 enum Threads {
     /// Built, not started yet.
     Ready(Vec<VcpuFd>),
+    /// Started; dropping them stops and joins the threads.
     Running(VcpuThreads),
     Stopped,
 }
 
 pub struct Vm {
-    // Field order matters for drop: vCPUs go before the VM fd and memory.
+    // Field order is drop order: vCPU threads stop first, memory goes before
+    // the VM fd.
     threads: Threads,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     serial: Option<Arc<Mutex<Serial>>>,
     ged: Arc<Mutex<Ged>>,
     events: VmEventSender,
-    _fd: VmFd,
-    _memory: GuestMemoryMmap,
+    memory: GuestMemoryMmap,
+    fd: VmFd,
 }
 
 impl Vm {
-    /// Builds the whole VM from `config`. `serial_out` is where COM1 writes
-    /// (None when the serial port is off).
+    /// Builds the whole VM from `config`. `cpuid` is what KVM supports (read
+    /// once per process); `serial_out` is where COM1 writes (None: no COM1).
     pub fn new(
         kvm: &Kvm,
+        cpuid: &CpuId,
         config: &VmConfig,
         serial_out: Option<SerialOutput>,
         events: VmEventSender,
@@ -101,6 +104,10 @@ impl Vm {
             .map_err(kvm_err("set the TSS address"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("set the identity map address"))?;
+        // Memory slots first: once an in-kernel irqchip exists, every slot
+        // change waits for an SRCU grace period (about 5 ms here).
+        let mem = memory::create_guest_memory(config.memory.size, true)?;
+        memory::register_with_kvm(&fd, &mem)?;
         fd.create_irq_chip()
             .map_err(kvm_err("create the in-kernel irqchip"))?;
         let pit = kvm_pit_config {
@@ -108,9 +115,6 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
-
-        let mem = memory::create_guest_memory(config.memory.size, true)?;
-        memory::register_with_kvm(&fd, &mem)?;
 
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
@@ -158,13 +162,12 @@ impl Vm {
         };
         let entry = boot::load_payload(&mem, &payload, rsdp)?;
 
-        let base_cpuid = x86::cpuid::supported_cpuid(kvm)?;
         let mut vcpus = Vec::with_capacity(usize::from(cpus.boot_vcpus));
         for id in 0..cpus.boot_vcpus {
             let vcpu = fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create a vCPU"))?;
-            x86::cpuid::set_cpuid(&vcpu, &base_cpuid, id, cpus.boot_vcpus)?;
+            x86::cpuid::set_cpuid(&vcpu, cpuid, id, cpus.boot_vcpus)?;
             x86::regs::setup_common(&vcpu, id)?;
             if id == 0 {
                 x86::regs::setup_boot_vcpu(&vcpu, &mem, entry)?;
@@ -184,8 +187,8 @@ impl Vm {
             serial,
             ged,
             events,
-            _fd: fd,
-            _memory: mem,
+            memory: mem,
+            fd,
         })
     }
 
@@ -223,6 +226,22 @@ impl Vm {
         }
     }
 
+    /// Stops the vCPUs and frees guest memory now; the KVM VM itself, which
+    /// takes KVM 10-30 ms to tear down, is closed in the background.
+    pub fn dispose(self) {
+        let Vm {
+            threads, memory, fd, ..
+        } = self;
+        drop(threads);
+        drop(memory);
+        let spawned = std::thread::Builder::new()
+            .name("kite-vm-close".into())
+            .spawn(move || drop(fd));
+        if let Err(e) = spawned {
+            log::warn!("closed the KVM VM in the foreground: {e}");
+        }
+    }
+
     /// Presses the ACPI power button.
     pub fn power_button(&self) -> std::io::Result<()> {
         devices::bus::lock(&self.ged).notify(GED_POWER_BUTTON)
@@ -234,12 +253,6 @@ impl Vm {
             Some(s) => devices::bus::lock(s).enqueue_input(bytes),
             None => 0,
         }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
