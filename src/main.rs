@@ -5,11 +5,15 @@ mod logger;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use api::cli::{parse_console, parse_cpus, parse_memory, parse_serial};
 use api::config::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
 use clap::Parser;
 use vmm::{Vmm, VmmExit};
+
+/// How long the HTTP server may take to answer its last request at exit.
+const HTTP_DRAIN_TIME: Duration = Duration::from_millis(100);
 
 /// kite: a small, fast KVM virtual machine monitor.
 #[derive(Parser, Debug)]
@@ -90,23 +94,34 @@ fn run(cli: Cli) -> Result<(), String> {
         return Err("nothing to do: give --kernel to boot a VM or --api-socket to serve the API".into());
     }
     let vmm = Vmm::start(socket.is_none()).map_err(|e| e.to_string())?;
-    if let Some(path) = &socket {
-        if let Err(e) = api::http::start_http_server(path, vmm.sender()) {
-            let _ = vmm.stop();
-            return Err(e.to_string());
-        }
-    }
+    let http = match &socket {
+        Some(path) => match api::http::start_http_server(path, vmm.sender()) {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                let _ = vmm.stop();
+                return Err(e.to_string());
+            }
+        },
+        None => None,
+    };
     if let Some(config) = config {
         if let Err(e) = vmm.create(config).and_then(|()| vmm.boot()) {
             let _ = vmm.stop();
             return Err(e.to_string());
         }
     }
-    let exit = vmm.wait().map_err(|e| e.to_string());
+    let exit = vmm.wait().map_err(|e| e.to_string())?;
+    if let Some(http) = http {
+        // After vmm.shutdown the server still has to send its 204; give it a moment.
+        let deadline = Instant::now() + HTTP_DRAIN_TIME;
+        while !http.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     if let Some(path) = &socket {
         let _ = std::fs::remove_file(path);
     }
-    match exit? {
+    match exit {
         VmmExit::Shutdown | VmmExit::GuestPoweredOff => Ok(()),
         VmmExit::GuestFailed(why) => Err(format!("guest failed: {why}")),
     }

@@ -88,7 +88,10 @@ pub enum ApiError {
     VmAlreadyCreated,
     /// 405: the action does not fit the VM's current state.
     #[error("cannot {action} a VM that is {state}")]
-    InvalidState { action: &'static str, state: VmState },
+    InvalidState {
+        action: &'static str,
+        state: VmState,
+    },
     /// 500: the VMM failed while doing what was asked.
     #[error("{0}")]
     Internal(String),

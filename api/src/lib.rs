@@ -1,10 +1,17 @@
 //! kite's API layer: the Cloud Hypervisor-compatible VM configuration, the
 //! internal command channel that the CLI, the HTTP server and embedders share,
-//! and the HTTP/1.1 server on a Unix socket.
+//! the HTTP/1.1 server on a Unix socket, and Cloud Hypervisor-style CLI option
+//! parsers.
 
+pub mod cli;
 pub mod command;
+mod compat;
 pub mod config;
 pub mod http;
 
-pub use command::{ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, ApiSender, VmInfo, VmState, VmmPingResponse};
-pub use config::VmConfig;
+pub use command::{
+    ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, ApiSender, VmCounters, VmInfo, VmState,
+    VmmPingResponse,
+};
+pub use config::{parse_vm_config, ConfigError, VmConfig};
+pub use http::{serve_http, start_http_server, HttpError};

@@ -1,0 +1,317 @@
+//! Cloud Hypervisor's full `VmConfig` schema as it arrives on the wire.
+//!
+//! CH clients (ch-remote, the SDKs, configs saved from CH's own `vm.info`)
+//! often send every field of CH's `VmConfig`, filled in with defaults. kite
+//! accepts any field of CH's schema as long as its value asks for nothing kite
+//! lacks — absent, `null`, an empty list, or CH's default — and otherwise
+//! refuses the config naming the field, so a config is never half-applied in
+//! silence. Fields CH does not know are refused as unknown.
+//!
+//! Each wire struct has the fields kite uses, typed, and collects the rest in
+//! `rest`; a table per struct lists CH's other fields and what "unset" means
+//! for each.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::{
+    ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
+};
+
+/// Fields of a CH struct that kite does not model.
+type Rest = BTreeMap<String, Value>;
+
+// The `rename`s make serde's messages say "expected struct CpusConfig".
+
+#[derive(Deserialize)]
+#[serde(rename = "VmConfig")]
+pub(crate) struct VmConfigWire {
+    cpus: Option<CpusWire>,
+    memory: Option<MemoryWire>,
+    payload: PayloadWire,
+    serial: Option<ConsoleWire>,
+    console: Option<ConsoleWire>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Deserialize)]
+#[serde(rename = "CpusConfig")]
+struct CpusWire {
+    boot_vcpus: u32,
+    max_vcpus: u32,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Deserialize)]
+#[serde(rename = "MemoryConfig")]
+struct MemoryWire {
+    size: u64,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Deserialize)]
+#[serde(rename = "PayloadConfig")]
+struct PayloadWire {
+    kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    cmdline: Option<String>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+/// `SerialConfig` and `ConsoleConfig`; they differ only in their extra fields.
+#[derive(Deserialize)]
+#[serde(rename = "ConsoleConfig")]
+struct ConsoleWire {
+    mode: ConsoleMode,
+    file: Option<PathBuf>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+impl VmConfigWire {
+    pub(crate) fn into_config(self) -> Result<VmConfig, ConfigError> {
+        check("", &self.rest, VM_CONFIG)?;
+        Ok(VmConfig {
+            cpus: self
+                .cpus
+                .map_or(Ok(CpusConfig::default()), CpusWire::into_config)?,
+            memory: self
+                .memory
+                .map_or(Ok(MemoryConfig::default()), MemoryWire::into_config)?,
+            payload: self.payload.into_config()?,
+            serial: match self.serial {
+                Some(serial) => serial.into_config("serial", SERIAL)?,
+                None => ConsoleConfig::serial_default(),
+            },
+            console: match self.console {
+                Some(console) => console.into_config("console", CONSOLE)?,
+                None => ConsoleConfig::console_default(),
+            },
+        })
+    }
+}
+
+impl CpusWire {
+    fn into_config(self) -> Result<CpusConfig, ConfigError> {
+        check("cpus", &self.rest, CPUS)?;
+        let count = |n: u32| u8::try_from(n).map_err(|_| ConfigError::TooManyVcpus(n));
+        Ok(CpusConfig {
+            boot_vcpus: count(self.boot_vcpus)?,
+            max_vcpus: count(self.max_vcpus)?,
+        })
+    }
+}
+
+impl MemoryWire {
+    fn into_config(self) -> Result<MemoryConfig, ConfigError> {
+        check("memory", &self.rest, MEMORY)?;
+        Ok(MemoryConfig { size: self.size })
+    }
+}
+
+impl PayloadWire {
+    fn into_config(self) -> Result<PayloadConfig, ConfigError> {
+        check("payload", &self.rest, PAYLOAD)?;
+        Ok(PayloadConfig {
+            kernel: self.kernel,
+            initramfs: self.initramfs,
+            cmdline: self.cmdline,
+        })
+    }
+}
+
+impl ConsoleWire {
+    fn into_config(
+        self,
+        section: &'static str,
+        fields: &[Field],
+    ) -> Result<ConsoleConfig, ConfigError> {
+        check(section, &self.rest, fields)?;
+        Ok(ConsoleConfig {
+            mode: self.mode,
+            file: self.file,
+        })
+    }
+}
+
+/// Refuses any field of `rest` that CH's schema lacks or that asks for
+/// something kite does not implement.
+fn check(section: &str, rest: &Rest, fields: &[Field]) -> Result<(), ConfigError> {
+    for (name, value) in rest {
+        let path = || match section {
+            "" => name.clone(),
+            _ => format!("{section}.{name}"),
+        };
+        match fields.iter().find(|f| f.name == name) {
+            None => return Err(ConfigError::UnknownField(path())),
+            Some(f) if !f.unset.accepts(value) => {
+                return Err(ConfigError::Unsupported {
+                    field: path(),
+                    feature: f.feature,
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// A CH field kite does not implement.
+struct Field {
+    name: &'static str,
+    /// The values that ask for nothing.
+    unset: Unset,
+    /// Completes "<field>: <feature> is not supported by kite yet".
+    feature: &'static str,
+}
+
+/// What "asks for nothing" means for a field. `null` always does.
+#[derive(Clone, Copy)]
+enum Unset {
+    /// Only `null` (or absent).
+    Null,
+    /// An empty list.
+    Empty,
+    /// CH's default for a boolean.
+    Bool(bool),
+    /// CH's default for a string or enum.
+    Str(&'static str),
+    /// CH's default for a number.
+    Int(u64),
+    /// Anything: the field means nothing while its feature is off.
+    Any,
+    /// CH's default object: every field present is unset per this table.
+    Object(&'static [Field]),
+}
+
+impl Unset {
+    fn accepts(self, value: &Value) -> bool {
+        value.is_null()
+            || match self {
+                Unset::Null => false,
+                Unset::Empty => value.as_array().is_some_and(Vec::is_empty),
+                Unset::Bool(b) => value.as_bool() == Some(b),
+                Unset::Str(s) => value.as_str() == Some(s),
+                Unset::Int(n) => value.as_u64() == Some(n),
+                Unset::Any => true,
+                Unset::Object(fields) => value.as_object().is_some_and(|map| {
+                    map.iter().all(|(name, v)| {
+                        fields.iter().any(|f| f.name == name && f.unset.accepts(v))
+                    })
+                }),
+            }
+    }
+}
+
+const fn field(name: &'static str, unset: Unset, feature: &'static str) -> Field {
+    Field {
+        name,
+        unset,
+        feature,
+    }
+}
+
+use Unset::*;
+
+/// `VmConfig`'s fields besides cpus, memory, payload, serial and console.
+const VM_CONFIG: &[Field] = &[
+    field("rate_limit_groups", Empty, "I/O rate limiting"),
+    field("disks", Empty, "virtio-blk"),
+    field("net", Empty, "virtio-net"),
+    // CH always adds a virtio-rng on /dev/urandom, so its configs carry this.
+    field("rng", Object(RNG_DEFAULT), "virtio-rng"),
+    field("balloon", Null, "virtio-balloon"),
+    field("fs", Empty, "virtio-fs"),
+    field("generic_vhost_user", Empty, "generic vhost-user"),
+    field("pmem", Empty, "virtio-pmem"),
+    field(
+        "debug_console",
+        Object(DEBUG_CONSOLE_OFF),
+        "the debug console",
+    ),
+    field("devices", Empty, "VFIO passthrough"),
+    field("user_devices", Empty, "vfio-user"),
+    field("vdpa", Empty, "vDPA"),
+    field("vsock", Null, "virtio-vsock"),
+    field("numa", Empty, "guest NUMA"),
+    field("iommu", Bool(false), "the virtual IOMMU"),
+    field("watchdog", Bool(false), "the watchdog device"),
+    field("rtc", Null, "RTC device configuration"),
+    field("pvpanic", Bool(false), "pvpanic"),
+    field("pci_segments", Empty, "PCI segment configuration"),
+    field("platform", Null, "platform configuration"),
+    field("tpm", Null, "TPM"),
+    field("landlock_enable", Bool(false), "Landlock sandboxing"),
+    field("landlock_rules", Empty, "Landlock sandboxing"),
+];
+
+const RNG_DEFAULT: &[Field] = &[
+    field("src", Str("/dev/urandom"), ""),
+    field("iommu", Bool(false), ""),
+    field("id", Null, ""),
+    field("pci_segment", Int(0), ""),
+    field("pci_device_id", Null, ""),
+];
+
+const DEBUG_CONSOLE_OFF: &[Field] = &[
+    field("mode", Str("Off"), ""),
+    field("file", Null, ""),
+    field("iobase", Any, ""),
+];
+
+const CPUS: &[Field] = &[
+    field("topology", Null, "CPU topology"),
+    field("kvm_hyperv", Bool(false), "Hyper-V emulation"),
+    field(
+        "max_phys_bits",
+        Int(46),
+        "limiting guest physical address bits",
+    ),
+    field("nested", Bool(true), "disabling nested virtualization"),
+    field("affinity", Empty, "vCPU affinity"),
+    field("features", Object(&[field("amx", Bool(false), "")]), "AMX"),
+    field(
+        "core_scheduling",
+        Str("Vm"),
+        "choosing the core scheduling mode",
+    ),
+    // Not in CH's OpenAPI document, but CH's own vm.info output has it.
+    field("profile", Str("Host"), "CPU profiles"),
+];
+
+const MEMORY: &[Field] = &[
+    field("hotplug_size", Null, "memory hotplug"),
+    field("hotplugged_size", Null, "memory hotplug"),
+    field("mergeable", Bool(false), "KSM page merging"),
+    field("hotplug_method", Str("Acpi"), "virtio-mem hotplug"),
+    field("shared", Bool(false), "shared guest memory"),
+    field("hugepages", Bool(false), "hugepage-backed memory"),
+    field("hugepage_size", Null, "hugepage-backed memory"),
+    field("prefault", Bool(false), "prefaulting guest memory"),
+    field("reserve", Bool(false), "reserving guest memory up front"),
+    field("thp", Bool(true), "disabling transparent huge pages"),
+    field("zones", Empty, "memory zones"),
+];
+
+const PAYLOAD: &[Field] = &[
+    field("firmware", Null, "firmware boot"),
+    field("igvm", Null, "IGVM boot"),
+    field("host_data", Null, "SEV-SNP host data"),
+];
+
+const SERIAL: &[Field] = &[field("socket", Null, "socket output")];
+
+const CONSOLE: &[Field] = &[
+    field("socket", Null, "socket output"),
+    field("iommu", Bool(false), "the virtual IOMMU"),
+    field("id", Null, "choosing the device id"),
+    field("pci_segment", Int(0), "choosing the PCI segment"),
+    field("pci_device_id", Null, "choosing the PCI slot"),
+];
