@@ -20,6 +20,9 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 /// End of the low RAM that the e820 map reports as usable below 1 MiB.
 pub const EBDA_START: u64 = 0x9fc00;
+/// MP table (floating pointer, then configuration table), in the BIOS area
+/// where guests look for it.
+pub const MPTABLE_START: u64 = 0xf0000;
 /// ACPI tables, RSDP first (inside the reserved 0xa0000-0xfffff window).
 pub const ACPI_START: u64 = 0xa0000;
 pub const ACPI_MAX_SIZE: u64 = 0x10000;

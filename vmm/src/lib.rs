@@ -11,6 +11,7 @@ pub mod control;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod mptable;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -42,6 +42,8 @@ pub enum VmError {
     #[error(transparent)]
     Acpi(#[from] crate::acpi::AcpiError),
     #[error(transparent)]
+    Mptable(#[from] crate::mptable::MptableError),
+    #[error(transparent)]
     Cpu(#[from] CpuError),
     #[error("cannot place {device} on the bus: {source}")]
     Bus {
@@ -154,6 +156,7 @@ impl Vm {
 
         let cpus = &config.cpus;
         let rsdp = crate::acpi::create_acpi_tables(&mem, cpus.boot_vcpus, cpus.max_vcpus)?;
+        crate::mptable::write_mptable(&mem, cpus.boot_vcpus)?;
         let kernel = config.payload.kernel.as_deref().ok_or(VmError::NoKernel)?;
         let payload = Payload {
             kernel,
