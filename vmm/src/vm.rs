@@ -101,6 +101,7 @@ impl Vm {
         serial_out: Option<SerialOutput>,
         events: VmEventSender,
     ) -> Result<Vm, VmError> {
+        let started = std::time::Instant::now();
         let fd = kvm.create_vm().map_err(kvm_err("create the KVM VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("set the TSS address"))?;
@@ -178,7 +179,8 @@ impl Vm {
             vcpus.push(vcpu);
         }
         log::info!(
-            "VM built: {} vCPUs, {} MiB, entry {entry:?}",
+            "VM built in {:?}: {} vCPUs, {} MiB, entry {entry:?}",
+            started.elapsed(),
             cpus.boot_vcpus,
             config.memory.size >> 20
         );
