@@ -121,10 +121,21 @@ pub const ROUTES: &[Route] = &[
 /// `vmm.shutdown` succeeds or the control loop is gone.
 pub fn start_http_server(path: &Path, sender: ApiSender) -> Result<JoinHandle<()>, HttpError> {
     remove_stale_socket(path)?;
-    let listener = UnixListener::bind(path).map_err(|error| HttpError::Bind {
+    // Bind under a temporary name and rename: the socket file appears only
+    // once it is listening, so a client that sees it can connect at once.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.tmp", std::process::id()));
+    let staging = std::path::PathBuf::from(staging);
+    let bind_err = |error| HttpError::Bind {
         path: path.to_path_buf(),
         error,
-    })?;
+    };
+    let _ = fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(bind_err)?;
+    if let Err(e) = fs::rename(&staging, path) {
+        let _ = fs::remove_file(&staging);
+        return Err(bind_err(e));
+    }
     let cleanup = |e| {
         let _ = fs::remove_file(path);
         e

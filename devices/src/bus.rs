@@ -1,8 +1,9 @@
-//! An address bus (port I/O or MMIO) mapping ranges to devices. It is built
-//! before the vCPUs start and then only read, so lookups take no lock on the bus.
+//! An address bus (port I/O or MMIO) mapping ranges to devices. Lookups take
+//! a read lock; the map only changes when devices are added or a guest moves
+//! a PCI BAR.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on a bus. `offset` is relative to the device's base address.
 pub trait BusDevice: Send {
@@ -16,6 +17,8 @@ pub enum BusError {
     Overlap { base: u64, len: u64 },
     #[error("bus range at {base:#x} has zero length")]
     Empty { base: u64 },
+    #[error("no device at bus address {0:#x}")]
+    NotFound(u64),
 }
 
 struct Range {
@@ -25,7 +28,7 @@ struct Range {
 
 #[derive(Default)]
 pub struct Bus {
-    ranges: BTreeMap<u64, Range>,
+    ranges: RwLock<BTreeMap<u64, Range>>,
 }
 
 impl Bus {
@@ -35,7 +38,7 @@ impl Bus {
 
     /// Puts `device` at `[base, base + len)`.
     pub fn insert(
-        &mut self,
+        &self,
         device: Arc<Mutex<dyn BusDevice>>,
         base: u64,
         len: u64,
@@ -43,29 +46,42 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty { base });
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
-        let overlaps_prev = self
-            .ranges
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
+        let mut ranges = self.ranges.write().unwrap_or_else(|p| p.into_inner());
+        let overlaps_prev = ranges
             .range(..end)
             .next_back()
             .is_some_and(|(b, r)| b + r.len > base);
         if overlaps_prev {
             return Err(BusError::Overlap { base, len });
         }
-        self.ranges.insert(base, Range { len, device });
+        ranges.insert(base, Range { len, device });
         Ok(())
     }
 
-    fn find(&self, addr: u64) -> Option<(u64, &Range)> {
-        let (base, range) = self.ranges.range(..=addr).next_back()?;
-        (addr - base < range.len).then_some((addr - base, range))
+    /// Takes the device at `base` off the bus (a guest moving a BAR).
+    pub fn remove(&self, base: u64) -> Result<(), BusError> {
+        let mut ranges = self.ranges.write().unwrap_or_else(|p| p.into_inner());
+        ranges
+            .remove(&base)
+            .map(|_| ())
+            .ok_or(BusError::NotFound(base))
+    }
+
+    /// The device covering `addr` and the offset into it.
+    fn find(&self, addr: u64) -> Option<(u64, Arc<Mutex<dyn BusDevice>>)> {
+        let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+        let (base, range) = ranges.range(..=addr).next_back()?;
+        (addr - base < range.len).then(|| (addr - base, range.device.clone()))
     }
 
     /// Dispatches a read; returns false when no device is at `addr`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
-            Some((offset, range)) => {
-                lock(&range.device).read(offset, data);
+            Some((offset, device)) => {
+                lock(&device).read(offset, data);
                 true
             }
             None => false,
@@ -75,8 +91,8 @@ impl Bus {
     /// Dispatches a write; returns false when no device is at `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
-            Some((offset, range)) => {
-                lock(&range.device).write(offset, data);
+            Some((offset, device)) => {
+                lock(&device).write(offset, data);
                 true
             }
             None => false,
@@ -106,11 +122,15 @@ mod tests {
 
     #[test]
     fn dispatches_by_range_and_rejects_overlap() {
-        let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 8).unwrap();
+        let bus = Bus::new();
+        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 8)
+            .unwrap();
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Echo(0))), 0x104, 8),
-            Err(BusError::Overlap { base: 0x104, len: 8 })
+            Err(BusError::Overlap {
+                base: 0x104,
+                len: 8
+            })
         );
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Echo(0))), 0xfc, 8),
@@ -125,5 +145,8 @@ mod tests {
         assert_eq!(b[0], 47);
         assert!(!bus.read(0xff, &mut b));
         assert!(!bus.read(0x110, &mut b));
+        bus.remove(0x108).unwrap();
+        assert!(!bus.read(0x108, &mut b));
+        assert_eq!(bus.remove(0x108), Err(BusError::NotFound(0x108)));
     }
 }

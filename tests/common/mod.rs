@@ -111,7 +111,7 @@ pub fn test_guest(name: &str) -> PathBuf {
 pub fn initramfs_overlay(base: &Path, files: &[(&str, u32, &[u8])], out: &Path) {
     let mut data = fs::read(base).unwrap();
     // Each archive must start 4-byte aligned.
-    while data.len() % 4 != 0 {
+    while !data.len().is_multiple_of(4) {
         data.push(0);
     }
     let mut cpio = Vec::new();
@@ -123,11 +123,11 @@ pub fn initramfs_overlay(base: &Path, files: &[(&str, u32, &[u8])], out: &Path) 
         cpio.extend_from_slice(header.as_bytes());
         cpio.extend_from_slice(name.as_bytes());
         cpio.push(0);
-        while cpio.len() % 4 != 0 {
+        while !cpio.len().is_multiple_of(4) {
             cpio.push(0);
         }
         cpio.extend_from_slice(content);
-        while cpio.len() % 4 != 0 {
+        while !cpio.len().is_multiple_of(4) {
             cpio.push(0);
         }
     };
@@ -145,7 +145,11 @@ pub fn initramfs_with_init(guest: &LinuxGuest, script: &str, out: &Path) {
     let init = format!(
         "#!/bin/busybox sh\nB=/bin/busybox\n$B mount -t proc proc /proc\n$B mount -t sysfs sysfs /sys\n$B mount -t devtmpfs devtmpfs /dev 2>/dev/null\n{script}\n"
     );
-    initramfs_overlay(&guest.initramfs, &[("init", 0o100755, init.as_bytes())], out);
+    initramfs_overlay(
+        &guest.initramfs,
+        &[("init", 0o100755, init.as_bytes())],
+        out,
+    );
 }
 
 /// One HTTP request on a fresh connection; returns status and body.
@@ -209,7 +213,10 @@ impl Kite {
         let kite = Kite { child, socket, dir };
         let start = Instant::now();
         while !kite.socket.exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "API socket never appeared");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "API socket never appeared"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         kite
@@ -328,7 +335,14 @@ pub fn wait_for_file(path: &Path, needle: &str, timeout: Duration) -> String {
 }
 
 /// A `vm.create` body with serial output to `serial`.
-pub fn vm_config(kernel: &Path, initramfs: Option<&Path>, cmdline: &str, cpus: u8, mem_mib: u64, serial: &Path) -> String {
+pub fn vm_config(
+    kernel: &Path,
+    initramfs: Option<&Path>,
+    cmdline: &str,
+    cpus: u8,
+    mem_mib: u64,
+    serial: &Path,
+) -> String {
     let mut payload = serde_json::json!({ "kernel": kernel, "cmdline": cmdline });
     if let Some(i) = initramfs {
         payload["initramfs"] = serde_json::json!(i);

@@ -4,23 +4,23 @@
 //! 0x600), how to reset, and where power-button events come from (a GED).
 
 use acpi_tables::aml::{
-    self, Device, EISAName, Field, FieldAccessType, FieldEntry, FieldLockRule,
-    FieldUpdateRule, If, Interrupt, Local, Method, Name, Notify, OpRegion, OpRegionSpace,
-    Package, Path, ResourceTemplate, Store, IO,
+    self, Device, EISAName, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If,
+    Interrupt, Local, Method, Name, Notify, OpRegion, OpRegionSpace, Package, Path,
+    ResourceTemplate, Store, IO,
 };
 use acpi_tables::rsdp::Rsdp;
-use acpi_tables::Aml;
 use acpi_tables::sdt::{GenericAddress, Sdt};
 use acpi_tables::xsdt::XSDT;
-use devices::acpi_pm::{
-    ACPI_PM_TIMER_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_PORT,
-};
+use acpi_tables::Aml;
+use devices::acpi_pm::{ACPI_PM_TIMER_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_PORT};
 use devices::ged::{GED_MMIO_LEN, GED_POWER_BUTTON};
 use devices::serial::{COM1_IRQ, COM1_PORT};
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::IntoBytes;
 
-use crate::layout::{ACPI_MAX_SIZE, ACPI_START, GED_IRQ, GED_MMIO_START, IOAPIC_START, LAPIC_START};
+use crate::layout::{
+    ACPI_MAX_SIZE, ACPI_START, GED_IRQ, GED_MMIO_START, IOAPIC_START, LAPIC_START,
+};
 use crate::memory::GuestMemoryMmap;
 
 const OEM_ID: [u8; 6] = *b"KITEVM";
@@ -83,7 +83,12 @@ fn dsdt() -> Sdt {
                 "_CRS".into(),
                 &ResourceTemplate::new(vec![&Interrupt::new(true, true, false, false, GED_IRQ)]),
             ),
-            &OpRegion::new("GDST".into(), OpRegionSpace::SystemMemory, &ged_base, &ged_len),
+            &OpRegion::new(
+                "GDST".into(),
+                OpRegionSpace::SystemMemory,
+                &ged_base,
+                &ged_len,
+            ),
             &Field::new(
                 "GDST".into(),
                 FieldAccessType::DWord,
@@ -131,13 +136,25 @@ fn fadt(dsdt_addr: u64) -> Sdt {
     fadt.write(FLAGS, flags);
     fadt.write(PM_TMR_BLK, ACPI_PM_TIMER_PORT as u32);
     fadt.write(PM_TMR_LEN, 4u8);
-    fadt.write(X_PM_TMR_BLK, GenericAddress::io_port_address::<u32>(ACPI_PM_TIMER_PORT as u16));
-    fadt.write(RESET_REG, GenericAddress::io_port_address::<u8>(ACPI_SLEEP_PORT as u16));
+    fadt.write(
+        X_PM_TMR_BLK,
+        GenericAddress::io_port_address::<u32>(ACPI_PM_TIMER_PORT as u16),
+    );
+    fadt.write(
+        RESET_REG,
+        GenericAddress::io_port_address::<u8>(ACPI_SLEEP_PORT as u16),
+    );
     fadt.write(RESET_VALUE, ACPI_RESET_VALUE);
     fadt.write(MINOR_VERSION, 3u8);
     fadt.write(X_DSDT, dsdt_addr);
-    fadt.write(SLEEP_CONTROL_REG, GenericAddress::io_port_address::<u8>(ACPI_SLEEP_PORT as u16));
-    fadt.write(SLEEP_STATUS_REG, GenericAddress::io_port_address::<u8>(ACPI_SLEEP_PORT as u16 + 1));
+    fadt.write(
+        SLEEP_CONTROL_REG,
+        GenericAddress::io_port_address::<u8>(ACPI_SLEEP_PORT as u16),
+    );
+    fadt.write(
+        SLEEP_STATUS_REG,
+        GenericAddress::io_port_address::<u8>(ACPI_SLEEP_PORT as u16 + 1),
+    );
     fadt.write(HYPERVISOR_ID, *b"KITEKITE");
     fadt
 }

@@ -1,7 +1,7 @@
 //! The host side of the guest's serial console: where COM1's output goes
 //! (stdout, a file, nowhere) and, in tty mode, stdin in raw mode as its input.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -54,16 +54,32 @@ impl SerialSink {
         })
     }
 
+    /// Empties the output file, for a newly created VM.
+    pub fn truncate(&self) -> io::Result<()> {
+        match self {
+            SerialSink::File(f) => f.set_len(0),
+            _ => Ok(()),
+        }
+    }
+
     pub fn reads_stdin(&self) -> bool {
         matches!(self, SerialSink::Stdout)
     }
 }
 
+/// Opens (creating) without truncating: a `vm.create` that fails later must
+/// leave an existing file as it was. [`SerialSink::truncate`] empties it once
+/// the VM exists.
 fn create(path: &Path) -> Result<File, ConsoleError> {
-    File::create(path).map_err(|source| ConsoleError::OpenFile {
-        path: path.to_path_buf(),
-        source,
-    })
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| ConsoleError::OpenFile {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Unbuffered stdout: a prompt without a newline must show at once.

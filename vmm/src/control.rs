@@ -8,7 +8,9 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use api::config::VmConfig;
-use api::{ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, VmInfo, VmState, VmmPingResponse};
+use api::{
+    ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, VmInfo, VmState, VmmPingResponse,
+};
 use crossbeam_channel::Receiver;
 use devices::{VmEvent, VmEventSender};
 use kvm_bindings::CpuId;
@@ -192,24 +194,41 @@ impl ControlLoop {
             }
             ApiAction::VmResume => {
                 let inst = instance_in(&mut self.instance, "resume", &[VmState::Paused])?;
-                if let Some(vm) = &inst.vm {
-                    vm.resume();
+                if let Some(vm) = inst.vm.as_mut() {
+                    // A guest reset while paused leaves a fresh VM not started yet.
+                    if vm.started() {
+                        vm.resume();
+                    } else {
+                        vm.start().map_err(vm_api_error)?;
+                    }
                 }
                 inst.state = VmState::Running;
                 Ok(ApiResponse::Empty)
             }
             ApiAction::VmShutdown => {
-                instance_in(&mut self.instance, "shut down", &[VmState::Running, VmState::Paused])?;
+                instance_in(
+                    &mut self.instance,
+                    "shut down",
+                    &[VmState::Running, VmState::Paused],
+                )?;
                 self.stop_vm();
                 Ok(ApiResponse::Empty)
             }
             ApiAction::VmReboot => {
-                instance_in(&mut self.instance, "reboot", &[VmState::Running, VmState::Paused])?;
-                self.reboot().map_err(vm_api_error)?;
+                instance_in(
+                    &mut self.instance,
+                    "reboot",
+                    &[VmState::Running, VmState::Paused],
+                )?;
+                self.reboot(false).map_err(vm_api_error)?;
                 Ok(ApiResponse::Empty)
             }
             ApiAction::VmPowerButton => {
-                let inst = instance_in(&mut self.instance, "press the power button of", &[VmState::Running])?;
+                let inst = instance_in(
+                    &mut self.instance,
+                    "press the power button of",
+                    &[VmState::Running],
+                )?;
                 if let Some(vm) = &inst.vm {
                     vm.power_button()
                         .map_err(|e| ApiError::Internal(format!("power button: {e}")))?;
@@ -232,8 +251,12 @@ impl ControlLoop {
             .validate()
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         crate::host::check_fits(&config).map_err(ApiError::BadRequest)?;
-        let sink = SerialSink::open(&config.serial).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let vm = build_vm(&self.kvm, &self.cpuid, &self.events, &config, &sink).map_err(vm_api_error)?;
+        let sink =
+            SerialSink::open(&config.serial).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let vm =
+            build_vm(&self.kvm, &self.cpuid, &self.events, &config, &sink).map_err(vm_api_error)?;
+        sink.truncate()
+            .map_err(|e| ApiError::Internal(format!("cannot empty the serial output file: {e}")))?;
         if sink.reads_stdin() {
             self.attach_stdin();
         }
@@ -247,10 +270,20 @@ impl ControlLoop {
     }
 
     fn boot(&mut self) -> ApiReply {
-        let inst = instance_in(&mut self.instance, "boot", &[VmState::Created, VmState::Shutdown])?;
+        let inst = instance_in(
+            &mut self.instance,
+            "boot",
+            &[VmState::Created, VmState::Shutdown],
+        )?;
         if inst.vm.is_none() {
             // Booting again after a shutdown: build a fresh machine.
-            let vm = build_vm(&self.kvm, &self.cpuid, &self.events, &inst.config, &inst.sink);
+            let vm = build_vm(
+                &self.kvm,
+                &self.cpuid,
+                &self.events,
+                &inst.config,
+                &inst.sink,
+            );
             inst.vm = Some(vm.map_err(vm_api_error)?);
         }
         if let Some(vm) = inst.vm.as_mut() {
@@ -273,17 +306,37 @@ impl ControlLoop {
         self.drain_vm_events();
     }
 
-    fn reboot(&mut self) -> Result<(), VmError> {
-        self.stop_vm();
-        let Some(inst) = self.instance.as_ref() else {
+    /// Replaces the machine with a fresh one and starts it. With
+    /// `keep_paused`, a paused VM stays paused and the new machine starts on
+    /// `vm.resume`: a guest reset that raced with `vm.pause` must not resume it.
+    fn reboot(&mut self, keep_paused: bool) -> Result<(), VmError> {
+        let Some(paused) = self
+            .instance
+            .as_ref()
+            .map(|i| keep_paused && i.state == VmState::Paused)
+        else {
             return Ok(());
         };
-        let mut vm = build_vm(&self.kvm, &self.cpuid, &self.events, &inst.config, &inst.sink)?;
-        vm.start()?;
-        if let Some(inst) = self.instance.as_mut() {
-            inst.vm = Some(vm);
-            inst.state = VmState::Running;
+        self.stop_vm();
+        let Some(inst) = self.instance.as_mut() else {
+            return Ok(());
+        };
+        let mut vm = build_vm(
+            &self.kvm,
+            &self.cpuid,
+            &self.events,
+            &inst.config,
+            &inst.sink,
+        )?;
+        if !paused {
+            vm.start()?;
         }
+        inst.vm = Some(vm);
+        inst.state = if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
         log::info!("VM rebooted");
         Ok(())
     }
@@ -305,7 +358,7 @@ impl ControlLoop {
                     }
                 }
                 VmEvent::Reset => {
-                    if let Err(e) = self.reboot() {
+                    if let Err(e) = self.reboot(true) {
                         log::error!("guest reset failed: {e}");
                         self.stop_vm();
                         if self.exit_with_guest {

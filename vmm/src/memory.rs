@@ -50,11 +50,7 @@ pub fn create_guest_memory(size: u64, thp: bool) -> Result<GuestMemoryMmap, Memo
             // SAFETY: the range is the mapping we just made and own; madvise
             // only changes how the kernel backs it.
             let ret = unsafe {
-                libc::madvise(
-                    mapping.as_ptr().cast(),
-                    len as usize,
-                    libc::MADV_HUGEPAGE,
-                )
+                libc::madvise(mapping.as_ptr().cast(), len as usize, libc::MADV_HUGEPAGE)
             };
             if ret != 0 {
                 log::debug!("MADV_HUGEPAGE refused: {}", std::io::Error::last_os_error());
@@ -98,7 +94,10 @@ mod tests {
         assert_eq!(ram_ranges(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
         let big = ram_ranges(4 << 30);
         assert_eq!(big[0], (GuestAddress(0), MMIO_HOLE_START));
-        assert_eq!(big[1], (GuestAddress(MMIO_HOLE_END), (4 << 30) - MMIO_HOLE_START));
+        assert_eq!(
+            big[1],
+            (GuestAddress(MMIO_HOLE_END), (4 << 30) - MMIO_HOLE_START)
+        );
     }
 
     #[test]
@@ -106,7 +105,10 @@ mod tests {
         use vm_memory::Bytes;
         let mem = create_guest_memory(16 << 20, false).unwrap();
         mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         assert!(mem.read_obj::<u32>(GuestAddress(16 << 20)).is_err());
     }
 }

@@ -94,7 +94,8 @@ mod tests {
         let mem = crate::memory::create_guest_memory(16 << 20, false).unwrap();
         write_mptable(&mem, 3).unwrap();
         let mut fp = [0u8; 16];
-        mem.read_slice(&mut fp, GuestAddress(MPTABLE_START)).unwrap();
+        mem.read_slice(&mut fp, GuestAddress(MPTABLE_START))
+            .unwrap();
         assert_eq!(&fp[..4], b"_MP_");
         assert_eq!(checksum(&fp), 0);
         let table = config_table(3);

@@ -263,7 +263,17 @@ impl Vcpu {
             (Ok(r), Ok(s)) => format!(
                 "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} \
                  cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
-                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, s.cr0, s.cr3, s.cr4, s.efer,
+                r.rip,
+                r.rsp,
+                r.rflags,
+                r.rax,
+                r.rbx,
+                r.rcx,
+                r.rdx,
+                s.cr0,
+                s.cr3,
+                s.cr4,
+                s.efer,
                 s.cs.selector
             ),
             (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
@@ -318,4 +328,3 @@ fn handle_exit(id: usize, pio: &Bus, mmio: &Bus, exit: VcpuExit) -> Outcome {
     }
     Outcome::Continue
 }
-

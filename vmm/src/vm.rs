@@ -119,41 +119,47 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
 
-        let mut pio = Bus::new();
-        let mut mmio = Bus::new();
+        let pio = Bus::new();
+        let mmio = Bus::new();
         let serial = match serial_out {
             Some(out) => {
                 let irq = irqfd(&fd, COM1_IRQ, "COM1")?;
                 let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
-                insert(&mut pio, serial.clone(), COM1_PORT, COM1_PORT_LEN, "COM1")?;
+                insert(&pio, serial.clone(), COM1_PORT, COM1_PORT_LEN, "COM1")?;
                 Some(serial)
             }
             None => None,
         };
         insert(
-            &mut pio,
+            &pio,
             Arc::new(Mutex::new(I8042::new(events.clone()))),
             I8042_DATA_PORT,
             5,
             "i8042",
         )?;
-        insert(&mut pio, Arc::new(Mutex::new(Cmos::default())), CMOS_PORT, CMOS_PORT_LEN, "CMOS")?;
         insert(
-            &mut pio,
+            &pio,
+            Arc::new(Mutex::new(Cmos::default())),
+            CMOS_PORT,
+            CMOS_PORT_LEN,
+            "CMOS",
+        )?;
+        insert(
+            &pio,
             Arc::new(Mutex::new(AcpiSleep::new(events.clone()))),
             ACPI_SLEEP_PORT,
             ACPI_SLEEP_PORT_LEN,
             "ACPI sleep/reset",
         )?;
         insert(
-            &mut pio,
+            &pio,
             Arc::new(Mutex::new(AcpiPmTimer::default())),
             ACPI_PM_TIMER_PORT,
             ACPI_PM_TIMER_LEN,
             "ACPI PM timer",
         )?;
         let ged = Arc::new(Mutex::new(Ged::new(irqfd(&fd, GED_IRQ, "GED")?)));
-        insert(&mut mmio, ged.clone(), GED_MMIO_START, GED_MMIO_LEN, "GED")?;
+        insert(&mmio, ged.clone(), GED_MMIO_START, GED_MMIO_LEN, "GED")?;
 
         let cpus = &config.cpus;
         let rsdp = crate::acpi::create_acpi_tables(&mem, cpus.boot_vcpus, cpus.max_vcpus)?;
@@ -212,6 +218,11 @@ impl Vm {
         Ok(())
     }
 
+    /// Whether the vCPU threads were ever started.
+    pub fn started(&self) -> bool {
+        !matches!(self.threads, Threads::Ready(_))
+    }
+
     pub fn pause(&self) {
         if let Threads::Running(t) = &self.threads {
             t.pause();
@@ -235,7 +246,10 @@ impl Vm {
     /// takes KVM 10-30 ms to tear down, is closed in the background.
     pub fn dispose(self) {
         let Vm {
-            threads, memory, fd, ..
+            threads,
+            memory,
+            fd,
+            ..
         } = self;
         drop(threads);
         drop(memory);
@@ -270,7 +284,7 @@ fn irqfd(fd: &VmFd, gsi: u32, device: &'static str) -> Result<EventFd, VmError> 
 }
 
 fn insert(
-    bus: &mut Bus,
+    bus: &Bus,
     device: Arc<Mutex<dyn BusDevice>>,
     base: u64,
     len: u64,

@@ -19,7 +19,10 @@ use crate::memory::GuestMemoryMmap;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open kernel {path}: {source}")]
-    OpenKernel { path: PathBuf, source: std::io::Error },
+    OpenKernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a kernel kite can boot (neither a PVH ELF nor a bzImage): {reason}")]
     NotAKernel { path: PathBuf, reason: String },
     #[error("ELF kernel {0} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")]
@@ -29,7 +32,10 @@ pub enum BootError {
     #[error("cannot load kernel {path}: {reason}")]
     LoadKernel { path: PathBuf, reason: String },
     #[error("cannot read initramfs {path}: {source}")]
-    ReadInitramfs { path: PathBuf, source: std::io::Error },
+    ReadInitramfs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel")]
     InitramfsTooBig { path: PathBuf, size: u64 },
     #[error("kernel command line is {0} bytes; the limit is {CMDLINE_MAX_SIZE}")]

@@ -49,7 +49,10 @@ mod tests {
         let e = gdt_entry(0xa09b, 0, 0xfffff);
         let s = segment_from_gdt(e, 1);
         assert_eq!((s.base, s.limit, s.selector), (0, 0xffff_ffff, 8));
-        assert_eq!((s.type_, s.present, s.l, s.db, s.g, s.s), (0xb, 1, 1, 0, 1, 1));
+        assert_eq!(
+            (s.type_, s.present, s.l, s.db, s.g, s.s),
+            (0xb, 1, 1, 0, 1, 1)
+        );
         let tss = segment_from_gdt(gdt_entry(0x008b, 0, 0x67), 3);
         assert_eq!((tss.limit, tss.type_, tss.s, tss.g), (0x67, 0xb, 0, 0));
     }

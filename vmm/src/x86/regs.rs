@@ -9,7 +9,7 @@ use super::gdt::{gdt_entry, segment_from_gdt};
 use super::CpuError;
 use crate::boot::EntryPoint;
 use crate::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, PD_START, PDPT_START, PML4_START, PVH_INFO_START,
+    BOOT_GDT_START, BOOT_IDT_START, PDPT_START, PD_START, PML4_START, PVH_INFO_START,
     ZERO_PAGE_START,
 };
 use crate::memory::GuestMemoryMmap;
@@ -75,7 +75,10 @@ pub fn setup_common(vcpu: &VcpuFd, id: u8) -> Result<(), CpuError> {
     })?;
     let written = vcpu.set_msrs(&msrs).map_err(kvm_err(id, "set MSRs"))?;
     if written != msrs.as_slice().len() {
-        log::warn!("vCPU {id}: KVM took {written} of {} boot MSRs", msrs.as_slice().len());
+        log::warn!(
+            "vCPU {id}: KVM took {written} of {} boot MSRs",
+            msrs.as_slice().len()
+        );
     }
 
     let fpu = kvm_fpu {
@@ -86,14 +89,17 @@ pub fn setup_common(vcpu: &VcpuFd, id: u8) -> Result<(), CpuError> {
     vcpu.set_fpu(&fpu).map_err(kvm_err(id, "set FPU state"))?;
 
     // LINT0 delivers the legacy PIC's ExtINT, LINT1 the NMI, as firmware would set them.
-    let mut lapic = vcpu.get_lapic().map_err(kvm_err(id, "read the local APIC"))?;
+    let mut lapic = vcpu
+        .get_lapic()
+        .map_err(kvm_err(id, "read the local APIC"))?;
     for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
         let bytes: &mut [u8] = bytemuck_regs(&mut lapic.regs[reg..reg + 4]);
         let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         let value = (value & !0x700) | (mode << 8);
         bytes.copy_from_slice(&value.to_le_bytes());
     }
-    vcpu.set_lapic(&lapic).map_err(kvm_err(id, "set the local APIC"))?;
+    vcpu.set_lapic(&lapic)
+        .map_err(kvm_err(id, "set the local APIC"))?;
     Ok(())
 }
 
