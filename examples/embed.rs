@@ -13,7 +13,9 @@ use vmm::{Vmm, VmmExit};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let kernel = args.next().ok_or("usage: embed KERNEL [INITRAMFS] [CMDLINE]")?;
+    let kernel = args
+        .next()
+        .ok_or("usage: embed KERNEL [INITRAMFS] [CMDLINE]")?;
     let config = VmConfig {
         cpus: CpusConfig {
             boot_vcpus: 1,

@@ -53,9 +53,9 @@ struct Cli {
 
 impl Cli {
     fn api_socket_path(&self) -> Option<PathBuf> {
-        self.api_socket.as_deref().map(|s| {
-            PathBuf::from(s.strip_prefix("path=").unwrap_or(s))
-        })
+        self.api_socket
+            .as_deref()
+            .map(|s| PathBuf::from(s.strip_prefix("path=").unwrap_or(s)))
     }
 
     /// The VM the command line describes, if any.
@@ -91,7 +91,9 @@ fn run(cli: Cli) -> Result<(), String> {
     let config = cli.vm_config()?;
     let socket = cli.api_socket_path();
     if config.is_none() && socket.is_none() {
-        return Err("nothing to do: give --kernel to boot a VM or --api-socket to serve the API".into());
+        return Err(
+            "nothing to do: give --kernel to boot a VM or --api-socket to serve the API".into(),
+        );
     }
     let vmm = Vmm::start(socket.is_none()).map_err(|e| e.to_string())?;
     let http = match &socket {

@@ -3,24 +3,25 @@
 
 use std::io::{self, Write};
 
+use crate::bus::BusDevice;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial as Uart, Trigger};
-use vmm_sys_util::eventfd::EventFd;
-
-use crate::bus::BusDevice;
 
 /// COM1's base port and IRQ on a PC.
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const COM1_PORT_LEN: u64 = 8;
 
-/// Raises the UART's interrupt line through an irqfd.
-pub struct IrqTrigger(pub EventFd);
+/// Raises the UART's interrupt. The VMM injects it synchronously from the
+/// thread that caused it (a vCPU writing THR, the host feeding input): the
+/// guest's 8250 driver sends queued output from its transmit interrupt, and
+/// an interrupt that arrives late loses the last lines before a power-off.
+pub struct IrqTrigger(pub Box<dyn Fn() -> io::Result<()> + Send>);
 
 impl Trigger for IrqTrigger {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        (self.0)()
     }
 }
 
@@ -33,9 +34,9 @@ pub struct Serial {
 }
 
 impl Serial {
-    pub fn new(irq: EventFd, out: SerialOutput) -> Self {
+    pub fn new(irq: IrqTrigger, out: SerialOutput) -> Self {
         Serial {
-            uart: Uart::new(IrqTrigger(irq), out),
+            uart: Uart::new(irq, out),
         }
     }
 
@@ -74,6 +75,7 @@ impl BusDevice for Serial {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+    use vmm_sys_util::eventfd::EventFd;
 
     #[derive(Clone, Default)]
     struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -91,7 +93,9 @@ mod tests {
     fn transmits_bytes_and_receives_input() {
         let out = Capture::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut s = Serial::new(irq.try_clone().unwrap(), Box::new(out.clone()));
+        let trigger_fd = irq.try_clone().unwrap();
+        let trigger = IrqTrigger(Box::new(move || trigger_fd.write(1)));
+        let mut s = Serial::new(trigger, Box::new(out.clone()));
         for b in b"hi" {
             s.write(0, &[*b]);
         }

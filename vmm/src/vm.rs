@@ -12,7 +12,7 @@ use devices::acpi_pm::{
 use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
 use devices::ged::{Ged, GED_MMIO_LEN, GED_POWER_BUTTON};
 use devices::i8042::{I8042, I8042_DATA_PORT};
-use devices::serial::{Serial, SerialOutput, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use devices::serial::{IrqTrigger, Serial, SerialOutput, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use devices::{Bus, BusDevice, BusError, VmEventSender};
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -88,7 +88,7 @@ pub struct Vm {
     ged: Arc<Mutex<Ged>>,
     events: VmEventSender,
     memory: GuestMemoryMmap,
-    fd: VmFd,
+    fd: Arc<VmFd>,
 }
 
 impl Vm {
@@ -102,7 +102,7 @@ impl Vm {
         events: VmEventSender,
     ) -> Result<Vm, VmError> {
         let started = std::time::Instant::now();
-        let fd = kvm.create_vm().map_err(kvm_err("create the KVM VM"))?;
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("create the KVM VM"))?);
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("set the TSS address"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
@@ -123,7 +123,8 @@ impl Vm {
         let mmio = Bus::new();
         let serial = match serial_out {
             Some(out) => {
-                let irq = irqfd(&fd, COM1_IRQ, "COM1")?;
+                let line = fd.clone();
+                let irq = IrqTrigger(Box::new(move || pulse_irq_line(&line, COM1_IRQ)));
                 let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
                 insert(&pio, serial.clone(), COM1_PORT, COM1_PORT_LEN, "COM1")?;
                 Some(serial)
@@ -247,12 +248,15 @@ impl Vm {
     pub fn dispose(self) {
         let Vm {
             threads,
+            pio,
+            mmio,
+            serial,
+            ged,
+            events,
             memory,
             fd,
-            ..
         } = self;
-        drop(threads);
-        drop(memory);
+        drop((threads, pio, mmio, serial, ged, events, memory));
         let spawned = std::thread::Builder::new()
             .name("kite-vm-close".into())
             .spawn(move || drop(fd));
@@ -273,6 +277,13 @@ impl Vm {
             None => 0,
         }
     }
+}
+
+/// An edge on ISA interrupt `irq`, injected at once (KVM_IRQ_LINE).
+fn pulse_irq_line(fd: &VmFd, irq: u32) -> std::io::Result<()> {
+    fd.set_irq_line(irq, true)
+        .and_then(|()| fd.set_irq_line(irq, false))
+        .map_err(std::io::Error::other)
 }
 
 /// An eventfd wired to `gsi` with KVM_IRQFD: writing it interrupts the guest.
