@@ -1,1 +1,14 @@
-//! Virtio devices over PCI (not built yet).
+//! kite's PCI bus and virtio devices. Guests see virtio 1.x devices over PCI
+//! (as on Cloud Hypervisor): each queue has its own MSI-X vector, delivered
+//! with irqfd, and guest notifications arrive on ioeventfds, so the data path
+//! runs on device threads without exits to the VMM's vCPU loop.
+
+pub mod device;
+pub mod pci;
+pub mod transport;
+pub mod worker;
+
+pub use device::{ActivateError, QueueInterrupt, VirtioDevice};
+
+/// Guest memory as the VMM maps it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

@@ -1,0 +1,5 @@
+//! Virtio transports. Only PCI for now.
+
+pub mod pci;
+
+pub use pci::{IoEventRegistrar, VirtioPciDevice};

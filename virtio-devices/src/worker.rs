@@ -1,0 +1,159 @@
+//! A device thread serving one or more virtqueues: it sleeps in epoll on the
+//! queues' notify eventfds (plus a stop eventfd and, for the console, a host
+//! input fd), hands each notified queue to the device's handler and raises
+//! the queue's interrupt when the driver wants one.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{ActivateError, ActiveQueue, QueueInterrupt};
+use crate::GuestMemoryMmap;
+
+const TOKEN_STOP: u64 = u64::MAX;
+const TOKEN_INPUT: u64 = u64::MAX - 1;
+
+/// What a device does with its queues.
+pub trait QueueHandler: Send + 'static {
+    /// Serves the chains the driver made available on queue `index`; returns
+    /// true when it put buffers in the used ring.
+    fn process(&mut self, index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// A host fd whose readiness also wakes the worker (console input).
+    fn input_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The input fd is readable. Return false to stop watching it (EOF).
+    fn input_ready(&mut self) -> bool {
+        false
+    }
+}
+
+/// A running worker thread; dropping it stops and joins the thread.
+pub struct Worker {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn spawn<H: QueueHandler>(
+        name: String,
+        mut handler: H,
+        mut queues: Vec<ActiveQueue>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn QueueInterrupt>,
+        event_idx: bool,
+    ) -> Result<Worker, ActivateError> {
+        let device = name.clone();
+        let thread_err = |source| ActivateError::Thread {
+            device: device.clone(),
+            source,
+        };
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(thread_err)?;
+        let epoll = Epoll::new().map_err(thread_err)?;
+        let add = |fd: RawFd, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        for (i, q) in queues.iter().enumerate() {
+            add(q.notify.as_raw_fd(), i as u64).map_err(thread_err)?;
+        }
+        add(stop.as_raw_fd(), TOKEN_STOP).map_err(thread_err)?;
+        if let Some(fd) = handler.input_fd() {
+            // A non-pollable input (a regular file) just means no input.
+            if let Err(e) = add(fd, TOKEN_INPUT) {
+                log::debug!("{name}: input not pollable: {e}");
+            }
+        }
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let mut events = [EpollEvent::default(); 8];
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            log::error!("{name}: epoll failed: {e}");
+                            return;
+                        }
+                    };
+                    for ev in &events[..n] {
+                        match ev.data() {
+                            TOKEN_STOP => return,
+                            TOKEN_INPUT => {
+                                if !handler.input_ready() {
+                                    if let Some(fd) = handler.input_fd() {
+                                        let _ = epoll.ctl(
+                                            ControlOperation::Delete,
+                                            fd,
+                                            EpollEvent::default(),
+                                        );
+                                    }
+                                }
+                                for q in queues.iter_mut() {
+                                    serve(&mut handler, q, &mem, interrupt.as_ref(), event_idx);
+                                }
+                            }
+                            i => {
+                                let Some(q) = queues.get_mut(i as usize) else {
+                                    continue;
+                                };
+                                let _ = q.notify.read();
+                                serve(&mut handler, q, &mem, interrupt.as_ref(), event_idx);
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(thread_err)?;
+        Ok(Worker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Drains a queue; with EVENT_IDX, re-checks after re-enabling notifications
+/// so a buffer made available meanwhile is not missed.
+fn serve<H: QueueHandler>(
+    handler: &mut H,
+    q: &mut ActiveQueue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn QueueInterrupt,
+    event_idx: bool,
+) {
+    loop {
+        if event_idx {
+            let _ = q.queue.disable_notification(mem);
+        }
+        let used = handler.process(q.index, &mut q.queue, mem);
+        if used && q.queue.needs_notification(mem).unwrap_or(true) {
+            interrupt.signal_queue(q.index);
+        }
+        if !event_idx {
+            return;
+        }
+        match q.queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => return,
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("a virtio worker thread panicked");
+            }
+        }
+    }
+}
