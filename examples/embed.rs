@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             file: None,
         },
         console: ConsoleConfig::console_default(),
+        ..VmConfig::default()
     };
 
     // `true`: the VMM ends when the guest powers off.

@@ -7,8 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use api::cli::{parse_console, parse_cpus, parse_memory, parse_serial};
-use api::config::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use api::cli::{parse_console, parse_cpus, parse_disk, parse_memory, parse_rng, parse_serial};
+use api::config::{
+    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig, VmConfig,
+};
 use clap::Parser;
 use vmm::{Vmm, VmmExit};
 
@@ -37,9 +39,15 @@ struct Cli {
     /// COM1 output: tty, file=PATH, null or off.
     #[arg(long, value_parser = parse_serial, default_value = "tty")]
     serial: ConsoleConfig,
-    /// virtio-console: off or null (kite has no virtio-console yet).
+    /// virtio-console output: off, null, tty or file=PATH.
     #[arg(long, value_parser = parse_console, default_value = "off")]
     console: ConsoleConfig,
+    /// virtio-blk disk (repeatable): path=FILE[,readonly=on|off][,direct=on|off][,num_queues=N][,queue_size=N][,id=ID][,serial=SERIAL][,image_type=raw|qcow2].
+    #[arg(long, value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
+    /// virtio-rng entropy source: src=PATH[,id=ID] (default src=/dev/urandom).
+    #[arg(long, value_parser = parse_rng)]
+    rng: Option<RngConfig>,
     /// Serve the REST API on this Unix socket: PATH or path=PATH.
     #[arg(long)]
     api_socket: Option<String>,
@@ -64,7 +72,9 @@ impl Cli {
             let vm_options = self.initramfs.is_some()
                 || self.cmdline.is_some()
                 || self.cpus.is_some()
-                || self.memory.is_some();
+                || self.memory.is_some()
+                || !self.disk.is_empty()
+                || self.rng.is_some();
             return if vm_options {
                 Err("--kernel is required to boot a VM".into())
             } else {
@@ -79,6 +89,8 @@ impl Cli {
                 initramfs: self.initramfs.clone(),
                 cmdline: self.cmdline.clone(),
             },
+            disks: self.disk.clone(),
+            rng: self.rng.clone().unwrap_or_default(),
             serial: self.serial.clone(),
             console: self.console.clone(),
         };

@@ -570,9 +570,23 @@ fn bad_vm_configs_are_refused() {
             vec!["bogus_knob".into()],
         ),
         (
-            "disks (not built yet)",
-            Some(with(&|v| v["disks"] = json!([{"path": "/tmp/x"}]))),
-            vec!["disks".into()],
+            "disk image that does not exist",
+            Some(with(&|v| {
+                v["disks"] = json!([{"path": "/nonexistent/kite-disk.img"}])
+            })),
+            vec!["/nonexistent/kite-disk.img".into()],
+        ),
+        (
+            "disk queue size not a power of two",
+            Some(with(&|v| {
+                v["disks"] = json!([{"path": "/tmp/x", "queue_size": 100}])
+            })),
+            vec!["queue_size".into()],
+        ),
+        (
+            "pmem (not built yet)",
+            Some(with(&|v| v["pmem"] = json!([{"file": "/tmp/x"}]))),
+            vec!["pmem".into()],
         ),
         (
             "net (not built yet)",

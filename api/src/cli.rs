@@ -1,12 +1,15 @@
 //! Parsers for Cloud Hypervisor's command-line option syntax, so `kite` takes
-//! the same `--cpus`, `--memory`, `--serial` and `--console` values as
-//! `cloud-hypervisor`. They fit clap's `value_parser`: each returns the config
+//! the same `--cpus`, `--memory`, `--disk`, `--rng`, `--serial` and
+//! `--console` values as `cloud-hypervisor`. They fit clap's `value_parser`: each returns the config
 //! struct or a message naming the bad part (clap prefixes the flag name).
 //! Only syntax is checked here; [`crate::VmConfig::validate`] checks ranges.
 
 use std::path::PathBuf;
 
-use crate::config::{ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, DEFAULT_MEMORY_SIZE};
+use crate::config::{
+    ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, ImageType, MemoryConfig, RngConfig,
+    DEFAULT_MEMORY_SIZE,
+};
 
 /// `--cpus boot=N[,max=M]`. `boot` defaults to 1 and `max` to `boot`, as in
 /// Cloud Hypervisor.
@@ -56,15 +59,139 @@ pub fn parse_size(value: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{value}` is too large"))
 }
 
+/// Cloud Hypervisor's `--disk` keys that kite does not implement, with what
+/// they ask for.
+const DISK_UNSUPPORTED: &[(&str, &str)] = &[
+    ("iommu", "the virtual IOMMU"),
+    ("vhost_user", "vhost-user"),
+    ("socket", "vhost-user"),
+    ("bw_size", "I/O rate limiting"),
+    ("bw_one_time_burst", "I/O rate limiting"),
+    ("bw_refill_time", "I/O rate limiting"),
+    ("ops_size", "I/O rate limiting"),
+    ("ops_one_time_burst", "I/O rate limiting"),
+    ("ops_refill_time", "I/O rate limiting"),
+    ("rate_limit_group", "I/O rate limiting"),
+    ("pci_segment", "choosing the PCI segment"),
+    ("pci_device_id", "choosing the PCI slot"),
+    ("queue_affinity", "virtqueue CPU affinity"),
+];
+
+/// `--disk path=FILE[,readonly=on|off][,direct=on|off][,num_queues=N]
+/// [,queue_size=N][,id=ID][,serial=SERIAL][,image_type=raw|qcow2]`.
+/// Booleans take on/off or true/false; the defaults are Cloud Hypervisor's.
+/// Values cannot contain commas.
+///
+/// As in a JSON config, `backing_files=on|off` and
+/// `lock_granularity=byte-range|full` are accepted and change nothing (kite
+/// always opens qcow2 backing files read-only and locks whole files), and
+/// `sparse=on` is accepted. Other Cloud Hypervisor keys are refused as
+/// unsupported, anything else as unknown.
+pub fn parse_disk(value: &str) -> Result<DiskConfig, String> {
+    const KEYS: &[&str] = &[
+        "path",
+        "readonly",
+        "direct",
+        "num_queues",
+        "queue_size",
+        "id",
+        "serial",
+        "image_type",
+        "backing_files",
+        "sparse",
+        "lock_granularity",
+    ];
+    if let Some((key, feature)) = value.split(',').find_map(|part| {
+        let key = part.split_once('=').map_or(part, |(k, _)| k);
+        DISK_UNSUPPORTED.iter().find(|(k, _)| *k == key)
+    }) {
+        return Err(format!("`{key}`: {feature} is not supported by kite yet"));
+    }
+    let mut disk = DiskConfig::new("");
+    for (key, val) in options(value, KEYS)? {
+        match key {
+            "path" if val.is_empty() => return Err("`path=`: the path is empty".into()),
+            "path" => disk.path = PathBuf::from(val),
+            "readonly" => disk.readonly = toggle(key, val)?,
+            "direct" => disk.direct = toggle(key, val)?,
+            "num_queues" => disk.num_queues = number(key, val, "a queue count")?,
+            "queue_size" => disk.queue_size = number(key, val, "a queue size")?,
+            "id" => disk.id = Some(val.to_string()),
+            "serial" => disk.serial = Some(val.to_string()),
+            "backing_files" => {
+                toggle(key, val)?;
+            }
+            "sparse" => {
+                if !toggle(key, val)? {
+                    return Err(format!(
+                        "`sparse={val}`: disabling sparse images is not supported by kite yet"
+                    ));
+                }
+            }
+            "lock_granularity" => {
+                if !matches!(val, "byte-range" | "full") {
+                    return Err(format!(
+                        "`lock_granularity={val}`: expected byte-range or full"
+                    ));
+                }
+            }
+            "image_type" => {
+                disk.image_type = Some(match val.to_ascii_lowercase().as_str() {
+                    "raw" => ImageType::Raw,
+                    "qcow2" => ImageType::Qcow2,
+                    "vmdk" | "vhd" | "vhdx" => {
+                        return Err(format!(
+                            "`image_type={val}`: this format is not supported by kite yet (expected raw or qcow2)"
+                        ))
+                    }
+                    _ => return Err(format!("`image_type={val}`: expected raw or qcow2")),
+                })
+            }
+            _ => unreachable!("options() returns only KEYS"),
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err("path is required (path=FILE)".into());
+    }
+    Ok(disk)
+}
+
+/// `--rng src=PATH[,id=ID]`; `src` defaults to /dev/urandom.
+pub fn parse_rng(value: &str) -> Result<RngConfig, String> {
+    let mut rng = RngConfig::default();
+    for (key, val) in options(value, &["src", "id"])? {
+        match key {
+            "src" if val.is_empty() => return Err("`src=`: the path is empty".into()),
+            "src" => rng.src = PathBuf::from(val),
+            _ => rng.id = Some(val.to_string()),
+        }
+    }
+    Ok(rng)
+}
+
 /// `--serial off|null|tty|file=PATH`.
 pub fn parse_serial(value: &str) -> Result<ConsoleConfig, String> {
     parse_console_mode(value)
 }
 
-/// `--console off|null|tty|file=PATH`. The syntax is Cloud Hypervisor's;
-/// validation refuses the modes that need virtio-console until kite has it.
+/// `--console off|null|tty|file=PATH`, for the virtio-console.
 pub fn parse_console(value: &str) -> Result<ConsoleConfig, String> {
     parse_console_mode(value)
+}
+
+/// A boolean as Cloud Hypervisor's `Toggle`: on/off or true/false.
+fn toggle(key: &str, val: &str) -> Result<bool, String> {
+    match val.to_ascii_lowercase().as_str() {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("`{key}={val}`: expected on, off, true or false")),
+    }
+}
+
+/// A decimal `u16`.
+fn number(key: &str, val: &str, what: &str) -> Result<u16, String> {
+    val.parse()
+        .map_err(|_| format!("`{key}={val}`: expected {what}"))
 }
 
 fn parse_console_mode(value: &str) -> Result<ConsoleConfig, String> {
@@ -195,5 +322,89 @@ mod tests {
             .unwrap_err()
             .contains("unknown option `path`"));
         assert!(parse_console("").unwrap_err().contains("empty"));
+        // The virtio-console takes the same modes as the serial port.
+        let console = |s| parse_console(s).map(|c| c.mode);
+        assert_eq!(console("tty"), Ok(ConsoleMode::Tty));
+        assert_eq!(console("null"), Ok(ConsoleMode::Null));
+        assert_eq!(console("off"), Ok(ConsoleMode::Off));
+        assert!(parse_console("pty")
+            .unwrap_err()
+            .contains("`pty` is not supported"));
+    }
+
+    #[test]
+    fn disk() {
+        assert_eq!(
+            parse_disk("path=/x.img,readonly=on,direct=off,num_queues=2,queue_size=256,id=disk0,serial=abc"),
+            Ok(DiskConfig {
+                readonly: true,
+                direct: false,
+                num_queues: 2,
+                queue_size: 256,
+                id: Some("disk0".into()),
+                serial: Some("abc".into()),
+                ..DiskConfig::new("/x.img")
+            })
+        );
+        assert_eq!(parse_disk("path=/x.img"), Ok(DiskConfig::new("/x.img")));
+        let disk = parse_disk("readonly=TRUE,direct=true,path=/y,image_type=QCOW2").unwrap();
+        assert!(disk.readonly && disk.direct);
+        assert_eq!(disk.image_type, Some(ImageType::Qcow2));
+        assert_eq!(
+            parse_disk("path=/y,image_type=raw").unwrap().image_type,
+            Some(ImageType::Raw)
+        );
+        assert!(!parse_disk("path=/y,readonly=false").unwrap().readonly);
+        // Accepted and without effect, as in JSON.
+        assert_eq!(
+            parse_disk("path=/y,backing_files=on,sparse=on,lock_granularity=full"),
+            Ok(DiskConfig::new("/y"))
+        );
+        // Range checks are validate's; the parser takes any u16.
+        assert_eq!(
+            parse_disk("path=/y,queue_size=100").unwrap().queue_size,
+            100
+        );
+
+        let error = |s| parse_disk(s).unwrap_err();
+        assert!(error("path=/y,bogus=1").contains("unknown key `bogus`"));
+        assert!(error("path=/y,iommu=on").contains("`iommu`: the virtual IOMMU is not supported"));
+        assert!(error("path=/y,vhost_user=on,socket=/s").contains("`vhost_user`: vhost-user"));
+        assert!(error("path=/y,sparse=off").contains("disabling sparse images"));
+        assert!(error("path=/y,readonly=yes")
+            .contains("`readonly=yes`: expected on, off, true or false"));
+        assert!(error("path=/y,num_queues=x").contains("`num_queues=x`: expected a queue count"));
+        assert!(error("path=/y,queue_size=70000").contains("`queue_size=70000`"));
+        assert!(error("path=/y,image_type=vhdx").contains("not supported by kite yet"));
+        assert!(error("path=/y,image_type=iso").contains("expected raw or qcow2"));
+        assert!(error("path=/y,lock_granularity=some").contains("expected byte-range or full"));
+        assert!(error("readonly=on").contains("path is required"));
+        assert!(error("path=").contains("the path is empty"));
+        assert!(error("path=/a,path=/b").contains("more than once"));
+        assert!(error("/x.img").contains("`/x.img` is not key=value"));
+        assert!(error("").contains("empty"));
+    }
+
+    #[test]
+    fn rng() {
+        assert_eq!(parse_rng("src=/dev/urandom"), Ok(RngConfig::default()));
+        assert_eq!(
+            parse_rng("src=/dev/hwrng,id=rng0"),
+            Ok(RngConfig {
+                src: "/dev/hwrng".into(),
+                id: Some("rng0".into())
+            })
+        );
+        assert_eq!(
+            parse_rng("id=r").unwrap().src,
+            PathBuf::from("/dev/urandom")
+        );
+        assert!(parse_rng("src=").unwrap_err().contains("empty"));
+        assert!(parse_rng("source=/dev/random")
+            .unwrap_err()
+            .contains("unknown key `source`"));
+        assert!(parse_rng("/dev/random")
+            .unwrap_err()
+            .contains("not key=value"));
     }
 }

@@ -58,7 +58,83 @@ pub struct VmInfo {
     pub config: VmConfig,
     pub state: VmState,
     pub memory_actual_size: u64,
-    pub device_tree: BTreeMap<String, serde_json::Value>,
+    /// The VM's devices, keyed by device id (the same ids as `vm.counters`).
+    pub device_tree: BTreeMap<String, DeviceNode>,
+}
+
+/// One device of `VmInfo.device_tree`, in Cloud Hypervisor's shape.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceNode {
+    pub id: String,
+    #[serde(default)]
+    pub resources: Vec<Resource>,
+    /// Ids of the devices below this one.
+    #[serde(default)]
+    pub children: Vec<String>,
+    /// The PCI address, as [`pci_bdf`] formats it; omitted for non-PCI
+    /// devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_bdf: Option<String>,
+}
+
+/// A resource a device uses, serialized as Cloud Hypervisor's `Resource` enum
+/// (e.g. `{"PciBar": {"index": 0, ...}}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Resource {
+    /// I/O port range.
+    PioAddressRange { base: u16, size: u16 },
+    /// MMIO range.
+    MmioAddressRange { base: u64, size: u64 },
+    /// A PCI BAR as programmed.
+    PciBar {
+        index: usize,
+        base: u64,
+        size: u64,
+        type_: PciBarType,
+        prefetchable: bool,
+    },
+    /// Legacy (INTx / ISA) interrupt line.
+    LegacyIrq(u32),
+    /// A block of message-signalled interrupts.
+    MsiIrq {
+        ty: MsiIrqType,
+        base: u32,
+        size: u32,
+    },
+}
+
+/// Kind of a PCI BAR (Cloud Hypervisor's `PciBarType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PciBarType {
+    Io,
+    Mmio32,
+    Mmio64,
+}
+
+/// Kind of message-signalled interrupt (Cloud Hypervisor's `MsiIrqType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MsiIrqType {
+    PciMsi,
+    PciMsix,
+    GenericMsi,
+}
+
+/// Formats a PCI address as Cloud Hypervisor does: `0000:00:03.0`
+/// (segment:bus:device.function, hexadecimal).
+pub fn pci_bdf(segment: u16, bus: u8, device: u8, function: u8) -> String {
+    format!("{segment:04x}:{bus:02x}:{device:02x}.{function:x}")
+}
+
+impl DeviceNode {
+    /// A device on PCI segment 0, bus 0, at `device`.0, with no resources
+    /// or children listed.
+    pub fn pci(id: impl Into<String>, device: u8) -> Self {
+        DeviceNode {
+            id: id.into(),
+            pci_bdf: Some(pci_bdf(0, 0, device, 0)),
+            ..DeviceNode::default()
+        }
+    }
 }
 
 /// Per-device counters, as `GET /vm.counters` returns them.
@@ -144,5 +220,58 @@ impl ApiSender {
             .map_err(|_| ApiError::VmmGone)?;
         self.wake.write(1).map_err(|_| ApiError::VmmGone)?;
         answer.recv().map_err(|_| ApiError::VmmGone)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_node_serializes_in_ch_shape() {
+        assert_eq!(pci_bdf(0, 0, 3, 0), "0000:00:03.0");
+        assert_eq!(pci_bdf(1, 0x1f, 0x1a, 7), "0001:1f:1a.7");
+        let mut node = DeviceNode::pci("_disk0", 4);
+        node.resources.push(Resource::PciBar {
+            index: 0,
+            base: 0xe000_0000,
+            size: 0x8_0000,
+            type_: PciBarType::Mmio32,
+            prefetchable: false,
+        });
+        node.resources.push(Resource::MsiIrq {
+            ty: MsiIrqType::PciMsix,
+            base: 0,
+            size: 2,
+        });
+        let json = serde_json::to_value(&node).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "id": "_disk0",
+                "resources": [
+                    {"PciBar": {"index": 0, "base": 0xe000_0000u64, "size": 0x8_0000,
+                                "type_": "Mmio32", "prefetchable": false}},
+                    {"MsiIrq": {"ty": "PciMsix", "base": 0, "size": 2}}
+                ],
+                "children": [],
+                "pci_bdf": "0000:00:04.0"
+            })
+        );
+        assert_eq!(serde_json::from_value::<DeviceNode>(json).unwrap(), node);
+        // Not on PCI: no pci_bdf key at all.
+        let node = DeviceNode {
+            id: "__serial".into(),
+            resources: vec![Resource::PioAddressRange {
+                base: 0x3f8,
+                size: 8,
+            }],
+            ..DeviceNode::default()
+        };
+        let json = serde_json::to_value(&node).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": "__serial", "resources": [{"PioAddressRange": {"base": 1016, "size": 8}}], "children": []})
+        );
     }
 }

@@ -18,7 +18,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::{
-    ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
+    check_num_queues, check_queue_size, ConfigError, ConsoleConfig, ConsoleMode, CpusConfig,
+    DiskConfig, ImageType, MemoryConfig, PayloadConfig, RngConfig, VmConfig,
+    DEFAULT_DISK_NUM_QUEUES, DEFAULT_DISK_QUEUE_SIZE, DEFAULT_RNG_SOURCE,
 };
 
 /// Fields of a CH struct that kite does not model.
@@ -32,6 +34,8 @@ pub(crate) struct VmConfigWire {
     cpus: Option<CpusWire>,
     memory: Option<MemoryWire>,
     payload: PayloadWire,
+    disks: Option<Vec<DiskWire>>,
+    rng: Option<RngWire>,
     serial: Option<ConsoleWire>,
     console: Option<ConsoleWire>,
     #[serde(flatten)]
@@ -65,6 +69,46 @@ struct PayloadWire {
     rest: Rest,
 }
 
+/// `DiskConfig`. `null` for a field kite models means its default.
+#[derive(Deserialize)]
+#[serde(rename = "DiskConfig")]
+struct DiskWire {
+    path: Option<PathBuf>,
+    readonly: Option<bool>,
+    direct: Option<bool>,
+    // Wider than kite's `u16`, so an out-of-range count gets kite's message.
+    num_queues: Option<u64>,
+    queue_size: Option<u64>,
+    id: Option<String>,
+    serial: Option<String>,
+    image_type: Option<ImageTypeWire>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+/// Cloud Hypervisor's `ImageType`, so its other formats get a message
+/// naming them rather than serde's "unknown variant".
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename = "ImageType")]
+enum ImageTypeWire {
+    FlatVmdk,
+    FixedVhd,
+    Qcow2,
+    Raw,
+    Vhdx,
+    Unknown,
+}
+
+/// `RngConfig`. CH requires `src`; kite defaults it to /dev/urandom.
+#[derive(Deserialize)]
+#[serde(rename = "RngConfig")]
+struct RngWire {
+    src: Option<PathBuf>,
+    id: Option<String>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
 /// `SerialConfig` and `ConsoleConfig`; they differ only in their extra fields.
 #[derive(Deserialize)]
 #[serde(rename = "ConsoleConfig")]
@@ -86,6 +130,16 @@ impl VmConfigWire {
                 .memory
                 .map_or(Ok(MemoryConfig::default()), MemoryWire::into_config)?,
             payload: self.payload.into_config()?,
+            disks: self
+                .disks
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(index, disk)| disk.into_config(index))
+                .collect::<Result<_, _>>()?,
+            rng: self
+                .rng
+                .map_or(Ok(RngConfig::default()), RngWire::into_config)?,
             serial: match self.serial {
                 Some(serial) => serial.into_config("serial", SERIAL)?,
                 None => ConsoleConfig::serial_default(),
@@ -123,6 +177,53 @@ impl PayloadWire {
             kernel: self.kernel,
             initramfs: self.initramfs,
             cmdline: self.cmdline,
+        })
+    }
+}
+
+impl DiskWire {
+    fn into_config(self, index: usize) -> Result<DiskConfig, ConfigError> {
+        let section = format!("disks[{index}]");
+        check(&section, &self.rest, DISK)?;
+        let image_type = match self.image_type {
+            None | Some(ImageTypeWire::Unknown) => None,
+            Some(ImageTypeWire::Raw) => Some(ImageType::Raw),
+            Some(ImageTypeWire::Qcow2) => Some(ImageType::Qcow2),
+            Some(other) => {
+                return Err(ConfigError::Unsupported {
+                    field: format!("{section}.image_type"),
+                    feature: match other {
+                        ImageTypeWire::FlatVmdk => "the FlatVmdk image format",
+                        ImageTypeWire::FixedVhd => "the FixedVhd image format",
+                        _ => "the Vhdx image format",
+                    },
+                })
+            }
+        };
+        Ok(DiskConfig {
+            // A missing path stays empty for `validate` to name.
+            path: self.path.unwrap_or_default(),
+            readonly: self.readonly.unwrap_or(false),
+            direct: self.direct.unwrap_or(false),
+            num_queues: self
+                .num_queues
+                .map_or(Ok(DEFAULT_DISK_NUM_QUEUES), |n| check_num_queues(index, n))?,
+            queue_size: self
+                .queue_size
+                .map_or(Ok(DEFAULT_DISK_QUEUE_SIZE), |n| check_queue_size(index, n))?,
+            id: self.id,
+            serial: self.serial,
+            image_type,
+        })
+    }
+}
+
+impl RngWire {
+    fn into_config(self) -> Result<RngConfig, ConfigError> {
+        check("rng", &self.rest, RNG)?;
+        Ok(RngConfig {
+            src: self.src.unwrap_or_else(|| DEFAULT_RNG_SOURCE.into()),
+            id: self.id,
         })
     }
 }
@@ -181,8 +282,12 @@ enum Unset {
     Empty,
     /// CH's default for a boolean.
     Bool(bool),
+    /// Either boolean: kite behaves the same way for both.
+    AnyBool,
     /// CH's default for a string or enum.
     Str(&'static str),
+    /// Any of these strings (CH's default among them).
+    OneOf(&'static [&'static str]),
     /// CH's default for a number.
     Int(u64),
     /// Anything: the field means nothing while its feature is off.
@@ -198,7 +303,9 @@ impl Unset {
                 Unset::Null => false,
                 Unset::Empty => value.as_array().is_some_and(Vec::is_empty),
                 Unset::Bool(b) => value.as_bool() == Some(b),
+                Unset::AnyBool => value.is_boolean(),
                 Unset::Str(s) => value.as_str() == Some(s),
+                Unset::OneOf(strings) => value.as_str().is_some_and(|s| strings.contains(&s)),
                 Unset::Int(n) => value.as_u64() == Some(n),
                 Unset::Any => true,
                 Unset::Object(fields) => value.as_object().is_some_and(|map| {
@@ -220,13 +327,11 @@ const fn field(name: &'static str, unset: Unset, feature: &'static str) -> Field
 
 use Unset::*;
 
-/// `VmConfig`'s fields besides cpus, memory, payload, serial and console.
+/// `VmConfig`'s fields besides cpus, memory, payload, disks, rng, serial and
+/// console.
 const VM_CONFIG: &[Field] = &[
     field("rate_limit_groups", Empty, "I/O rate limiting"),
-    field("disks", Empty, "virtio-blk"),
     field("net", Empty, "virtio-net"),
-    // CH always adds a virtio-rng on /dev/urandom, so its configs carry this.
-    field("rng", Object(RNG_DEFAULT), "virtio-rng"),
     field("balloon", Null, "virtio-balloon"),
     field("fs", Empty, "virtio-fs"),
     field("generic_vhost_user", Empty, "generic vhost-user"),
@@ -252,12 +357,37 @@ const VM_CONFIG: &[Field] = &[
     field("landlock_rules", Empty, "Landlock sandboxing"),
 ];
 
-const RNG_DEFAULT: &[Field] = &[
-    field("src", Str("/dev/urandom"), ""),
-    field("iommu", Bool(false), ""),
-    field("id", Null, ""),
-    field("pci_segment", Int(0), ""),
-    field("pci_device_id", Null, ""),
+/// `DiskConfig`'s fields besides path, readonly, direct, num_queues,
+/// queue_size, id, serial and image_type.
+const DISK: &[Field] = &[
+    field("iommu", Bool(false), "the virtual IOMMU"),
+    field("vhost_user", Bool(false), "vhost-user"),
+    field("vhost_socket", Null, "vhost-user"),
+    field("rate_limit_group", Null, "I/O rate limiting"),
+    field("rate_limiter_config", Null, "I/O rate limiting"),
+    field("pci_segment", Int(0), "choosing the PCI segment"),
+    field("pci_device_id", Null, "choosing the PCI slot"),
+    field("queue_affinity", Empty, "virtqueue CPU affinity"),
+    // kite always opens a qcow2 image's backing files, read-only. CH's
+    // default `false` refuses images that have one; kite accepts both values
+    // rather than refuse every config CH itself writes.
+    field("backing_files", AnyBool, ""),
+    field("sparse", Bool(true), "disabling sparse images"),
+    // kite always locks the whole file (CH's `Full`). CH's default
+    // `ByteRange` is for NFS servers that block snapshots of a file locked
+    // whole; accepting it keeps the configs CH writes working.
+    field("lock_granularity", OneOf(&["ByteRange", "Full"]), ""),
+    // Not in CH's OpenAPI document, but CH's own vm.info output has them.
+    // kite uses neither io_uring nor AIO, so both values mean the same.
+    field("disable_io_uring", AnyBool, ""),
+    field("disable_aio", AnyBool, ""),
+];
+
+/// `RngConfig`'s fields besides src and id.
+const RNG: &[Field] = &[
+    field("iommu", Bool(false), "the virtual IOMMU"),
+    field("pci_segment", Int(0), "choosing the PCI segment"),
+    field("pci_device_id", Null, "choosing the PCI slot"),
 ];
 
 const DEBUG_CONSOLE_OFF: &[Field] = &[

@@ -6,6 +6,7 @@
 //! [`VmConfig::validate`] then checks the values kite does use. Serializing
 //! produces the Cloud Hypervisor shape of the fields kite has (for `vm.info`).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -24,6 +25,37 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 
 /// Guest RAM must be whole pages: KVM memory slots are page-granular.
 pub const MEMORY_ALIGNMENT: u64 = 4 << 10;
+
+/// Default number of request queues of a disk (Cloud Hypervisor's default).
+pub const DEFAULT_DISK_NUM_QUEUES: u16 = 1;
+
+/// Default size of each disk queue (Cloud Hypervisor's default).
+pub const DEFAULT_DISK_QUEUE_SIZE: u16 = 128;
+
+/// Most request queues a disk may have. Each queue gets its own worker
+/// thread and MSI-X vector, so keep the count small.
+pub const MAX_DISK_QUEUES: u16 = 16;
+
+/// Smallest disk queue. A virtio-blk request takes at least three
+/// descriptors (header, data, status), so a 2-entry queue cannot hold one;
+/// Cloud Hypervisor refuses it too.
+pub const MIN_DISK_QUEUE_SIZE: u16 = 4;
+
+/// Largest disk queue. The virtio spec allows split queues of up to 32768
+/// entries; 1024 is ample for a disk and bounds the guest memory that each
+/// queue's rings take.
+pub const MAX_DISK_QUEUE_SIZE: u16 = 1024;
+
+/// Longest `DiskConfig.serial`: the virtio-blk ID is 20 bytes
+/// (VIRTIO_BLK_ID_BYTES); a longer one would be cut short in the guest.
+pub const MAX_DISK_SERIAL_LEN: usize = 20;
+
+/// Cloud Hypervisor's (and kite's) entropy source for the virtio-rng device.
+pub const DEFAULT_RNG_SOURCE: &str = "/dev/urandom";
+
+/// Device ids starting with this are kite's own names (`__rng`, ...), as in
+/// Cloud Hypervisor, so a user-chosen id can never collide with one.
+pub const RESERVED_ID_PREFIX: &str = "__";
 
 /// Why a VM configuration was refused. Every message names the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -62,16 +94,57 @@ pub enum ConfigError {
     MissingFile(&'static str),
     #[error("{0}.file is only used with mode File; remove it or set mode File")]
     StrayFile(&'static str),
+    #[error("serial.mode and console.mode are both Tty, but only one device can own the terminal; set the other to Off, Null or File")]
+    TwoTtys,
+    #[error("disks[{0}].path is required")]
+    MissingDiskPath(usize),
+    #[error("disks[{index}].num_queues ({value}) must be from 1 to {MAX_DISK_QUEUES}")]
+    DiskNumQueues { index: usize, value: u64 },
+    #[error("disks[{index}].queue_size ({value}) must be a power of two from {MIN_DISK_QUEUE_SIZE} to {MAX_DISK_QUEUE_SIZE}")]
+    DiskQueueSize { index: usize, value: u64 },
+    #[error("disks[{index}].serial is {len} bytes; the virtio-blk serial holds at most {MAX_DISK_SERIAL_LEN}")]
+    DiskSerialTooLong { index: usize, len: usize },
+    #[error("rng.src must not be empty")]
+    EmptyRngSource,
+    /// `field` is the dotted path of the `id`.
+    #[error("{field} must not be empty")]
+    EmptyId { field: String },
+    #[error("{field} `{id}` is reserved: ids starting with `__` name kite's own devices")]
+    ReservedId { field: String, id: String },
+    #[error("{field} `{id}` is already the id of another device")]
+    DuplicateId { field: String, id: String },
 }
 
-/// The whole VM configuration (`PUT /vm.create` body).
+/// The whole VM configuration (`PUT /vm.create` body). Fields serialize in
+/// Cloud Hypervisor's order.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VmConfig {
     pub cpus: CpusConfig,
     pub memory: MemoryConfig,
     pub payload: PayloadConfig,
+    /// virtio-blk disks, in PCI slot order. Omitted from `vm.info` when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// The virtio-rng device. Like Cloud Hypervisor, every VM has one.
+    pub rng: RngConfig,
     pub serial: ConsoleConfig,
     pub console: ConsoleConfig,
+}
+
+impl Default for VmConfig {
+    /// What a config of only `{"payload": {}}` means. It has no kernel, so it
+    /// does not validate; use it with `..VmConfig::default()`.
+    fn default() -> Self {
+        VmConfig {
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            payload: PayloadConfig::default(),
+            disks: Vec::new(),
+            rng: RngConfig::default(),
+            serial: ConsoleConfig::serial_default(),
+            console: ConsoleConfig::console_default(),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for VmConfig {
@@ -125,10 +198,50 @@ impl VmConfig {
         use ConsoleMode::*;
         self.serial
             .check("serial", &[Off, Null, Tty, File], "Off, Null, Tty or File")?;
-        // No virtio-console yet: only the modes that create no device.
-        self.console.check("console", &[Off, Null], "Off or Null")?;
+        self.console
+            .check("console", &[Off, Null, Tty, File], "Off, Null, Tty or File")?;
+        if self.serial.mode == Tty && self.console.mode == Tty {
+            return Err(ConfigError::TwoTtys);
+        }
+
+        // Device ids share one namespace (they key `vm.info`'s device_tree
+        // and `vm.counters`).
+        let mut ids = BTreeSet::new();
+        for (index, disk) in self.disks.iter().enumerate() {
+            disk.validate(index)?;
+            check_id(&mut ids, &disk.id, || format!("disks[{index}].id"))?;
+        }
+        if self.rng.src.as_os_str().is_empty() {
+            return Err(ConfigError::EmptyRngSource);
+        }
+        check_id(&mut ids, &self.rng.id, || "rng.id".to_string())?;
         Ok(())
     }
+}
+
+/// Refuses an empty, reserved or already used device id; records it in `ids`.
+fn check_id(
+    ids: &mut BTreeSet<String>,
+    id: &Option<String>,
+    field: impl Fn() -> String,
+) -> Result<(), ConfigError> {
+    let Some(id) = id else { return Ok(()) };
+    if id.is_empty() {
+        return Err(ConfigError::EmptyId { field: field() });
+    }
+    if id.starts_with(RESERVED_ID_PREFIX) {
+        return Err(ConfigError::ReservedId {
+            field: field(),
+            id: id.clone(),
+        });
+    }
+    if !ids.insert(id.clone()) {
+        return Err(ConfigError::DuplicateId {
+            field: field(),
+            id: id.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// `CpusConfig`. kite uses `u8` counts: [`MAX_VCPUS`] is far below 255.
@@ -173,6 +286,121 @@ pub struct PayloadConfig {
     pub cmdline: Option<String>,
 }
 
+/// `DiskConfig`: a virtio-blk disk backed by a raw or qcow2 image file.
+///
+/// Of Cloud Hypervisor's other `DiskConfig` fields, kite accepts those whose
+/// value asks for nothing it lacks (see [`crate::compat`]). Two are accepted
+/// whatever their value, and documented in `openapi/kite.yaml`:
+/// `backing_files` (kite always opens a qcow2 image's backing chain, read-only;
+/// Cloud Hypervisor's default `false` refuses such images instead) and
+/// `lock_granularity` (kite always locks the whole file).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DiskConfig {
+    /// The image file. The VMM opens it at `vm.create` and reports a missing
+    /// or unreadable file there; the API checks only that it is given.
+    pub path: PathBuf,
+    /// Expose the disk read-only (VIRTIO_BLK_F_RO) and open the file so.
+    pub readonly: bool,
+    /// Open the image with `O_DIRECT`, bypassing the host page cache.
+    pub direct: bool,
+    /// Request queues, 1 to [`MAX_DISK_QUEUES`].
+    pub num_queues: u16,
+    /// Entries per queue: a power of two from [`MIN_DISK_QUEUE_SIZE`] to
+    /// [`MAX_DISK_QUEUE_SIZE`].
+    pub queue_size: u16,
+    /// The device id in `vm.info` and `vm.counters`; the VMM names the disk
+    /// when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The serial the guest reads (VIRTIO_BLK_T_GET_ID), at most 20 bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// The image format if the client names it; `None` lets the VMM detect
+    /// it from the file. Naming it is safer for images a guest could write
+    /// to: a raw image whose guest wrote a qcow2 header is still opened raw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_type: Option<ImageType>,
+}
+
+impl DiskConfig {
+    /// A disk on `path` with Cloud Hypervisor's defaults for everything else.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            path: path.into(),
+            readonly: false,
+            direct: false,
+            num_queues: DEFAULT_DISK_NUM_QUEUES,
+            queue_size: DEFAULT_DISK_QUEUE_SIZE,
+            id: None,
+            serial: None,
+            image_type: None,
+        }
+    }
+
+    /// Checks the values of `disks[index]`, all but its id.
+    fn validate(&self, index: usize) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError::MissingDiskPath(index));
+        }
+        check_num_queues(index, self.num_queues.into())?;
+        check_queue_size(index, self.queue_size.into())?;
+        if let Some(serial) = &self.serial {
+            if serial.len() > MAX_DISK_SERIAL_LEN {
+                return Err(ConfigError::DiskSerialTooLong {
+                    index,
+                    len: serial.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Range check of `disks[index].num_queues`, also used on the wire value
+/// before it is narrowed to `u16`.
+pub(crate) fn check_num_queues(index: usize, value: u64) -> Result<u16, ConfigError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|n| (1..=MAX_DISK_QUEUES).contains(n))
+        .ok_or(ConfigError::DiskNumQueues { index, value })
+}
+
+/// Range check of `disks[index].queue_size`; see [`check_num_queues`].
+pub(crate) fn check_queue_size(index: usize, value: u64) -> Result<u16, ConfigError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|n| n.is_power_of_two() && (MIN_DISK_QUEUE_SIZE..=MAX_DISK_QUEUE_SIZE).contains(n))
+        .ok_or(ConfigError::DiskQueueSize { index, value })
+}
+
+/// `ImageType`: the disk image formats kite opens. Cloud Hypervisor's
+/// `Unknown` (its default) means "detect"; kite spells that as no
+/// `image_type`. Its other formats (FlatVmdk, FixedVhd, Vhdx) are refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageType {
+    Raw,
+    Qcow2,
+}
+
+/// `RngConfig`: the virtio-rng device and where its entropy comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RngConfig {
+    /// Host file the device reads; [`DEFAULT_RNG_SOURCE`] by default.
+    pub src: PathBuf,
+    /// The device id; the VMM names the device when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+impl Default for RngConfig {
+    fn default() -> Self {
+        RngConfig {
+            src: PathBuf::from(DEFAULT_RNG_SOURCE),
+            id: None,
+        }
+    }
+}
+
 /// Where a console's output goes (`ConsoleMode` in the spec). All of Cloud
 /// Hypervisor's modes parse, so an unsupported one gets a message naming it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,7 +430,11 @@ impl ConsoleConfig {
         }
     }
 
-    /// kite has no virtio-console yet, so the console is off unless asked for.
+    /// The virtio-console is off unless asked for. Cloud Hypervisor defaults
+    /// it to Tty, but kite's command line already gives the terminal to the
+    /// serial port (where Linux's early boot messages go), and two devices
+    /// cannot share it; a VMM serving only the API should not grab the
+    /// terminal unasked either. So kite adds the device only when asked.
     pub fn console_default() -> Self {
         ConsoleConfig {
             mode: ConsoleMode::Off,
@@ -252,7 +484,13 @@ mod tests {
                    "reserve": false, "zones": null, "thp": true},
         "payload": {"firmware": null, "kernel": "/boot/vmlinux", "cmdline": "console=ttyS0",
                     "initramfs": null, "igvm": null, "host_data": null},
-        "rate_limit_groups": null, "disks": null, "net": [],
+        "rate_limit_groups": null,
+        "disks": [{"path": "/var/disk.img", "readonly": false, "direct": false, "iommu": false,
+                   "num_queues": 1, "queue_size": 128, "vhost_user": false, "id": "_disk0",
+                   "pci_segment": 0, "disable_io_uring": false, "disable_aio": false,
+                   "backing_files": false, "sparse": true, "image_type": "Unknown",
+                   "lock_granularity": "ByteRange"}],
+        "net": [],
         "rng": {"src": "/dev/urandom", "iommu": false, "pci_segment": 0},
         "balloon": null, "fs": null, "generic_vhost_user": null, "pmem": null,
         "serial": {"file": null, "mode": "Tty", "socket": null},
@@ -291,6 +529,14 @@ mod tests {
         assert_eq!(config.payload.cmdline.as_deref(), Some("console=ttyS0"));
         assert_eq!(config.serial.mode, ConsoleMode::Tty);
         assert_eq!(config.console.mode, ConsoleMode::Off);
+        assert_eq!(
+            config.disks,
+            [DiskConfig {
+                id: Some("_disk0".into()),
+                ..DiskConfig::new("/var/disk.img")
+            }]
+        );
+        assert_eq!(config.rng, RngConfig::default());
     }
 
     #[test]
@@ -300,17 +546,68 @@ mod tests {
         assert_eq!(config.memory.size, DEFAULT_MEMORY_SIZE);
         assert_eq!(config.serial, ConsoleConfig::serial_default());
         assert_eq!(config.console, ConsoleConfig::console_default());
+        assert!(config.disks.is_empty());
+        assert_eq!(config.rng.src, Path::new("/dev/urandom"));
+        assert_eq!(config.rng.id, None);
+        assert_eq!(
+            config,
+            VmConfig {
+                payload: config.payload.clone(),
+                ..VmConfig::default()
+            }
+        );
     }
 
     #[test]
     fn unsupported_values_name_the_field() {
         let cases = [
             (
-                r#""disks": [{"path": "/d.img"}]"#,
-                "disks: virtio-blk is not supported",
+                r#""net": [{"tap": "tap0"}]"#,
+                "net: virtio-net is not supported by kite yet",
             ),
-            (r#""net": [{"tap": "tap0"}]"#, "net: virtio-net"),
-            (r#""rng": {"src": "/dev/random"}"#, "rng: virtio-rng"),
+            (
+                r#""fs": [{"tag": "t", "socket": "/s", "num_queues": 1, "queue_size": 1024}]"#,
+                "fs: virtio-fs",
+            ),
+            (r#""pmem": [{"file": "/p"}]"#, "pmem: virtio-pmem"),
+            (r#""balloon": {"size": 0}"#, "balloon: virtio-balloon"),
+            (r#""devices": [{"path": "/sys/x"}]"#, "devices: VFIO"),
+            (
+                r#""disks": [{"path": "/d"}, {"path": "/e", "iommu": true}]"#,
+                "disks[1].iommu: the virtual IOMMU",
+            ),
+            (
+                r#""disks": [{"vhost_user": true, "vhost_socket": "/s"}]"#,
+                "disks[0].vhost_socket: vhost-user is not supported",
+            ),
+            (
+                r#""disks": [{"path": "/d", "rate_limiter_config": {"ops": {"size": 1, "refill_time": 1}}}]"#,
+                "disks[0].rate_limiter_config: I/O rate limiting",
+            ),
+            (
+                r#""disks": [{"path": "/d", "sparse": false}]"#,
+                "disks[0].sparse: disabling sparse images is not supported",
+            ),
+            (
+                r#""disks": [{"path": "/d", "pci_device_id": 5}]"#,
+                "disks[0].pci_device_id: choosing the PCI slot",
+            ),
+            (
+                r#""disks": [{"path": "/d", "image_type": "Vhdx"}]"#,
+                "disks[0].image_type: the Vhdx image format is not supported",
+            ),
+            (
+                r#""disks": [{"path": "/d", "backing_files": "yes"}]"#,
+                "disks[0].backing_files:",
+            ),
+            (
+                r#""rng": {"src": "/dev/random", "iommu": true}"#,
+                "rng.iommu:",
+            ),
+            (
+                r#""rng": {"src": "/dev/random", "pci_segment": 1}"#,
+                "rng.pci_segment:",
+            ),
             (r#""iommu": true"#, "iommu: the virtual IOMMU"),
             (
                 r#""vsock": {"cid": 3, "socket": "/v"}"#,
@@ -378,10 +675,20 @@ mod tests {
             err(r#"{"payload": {"kernel": "/k", "kernal": "/x"}}"#),
             "unknown field `payload.kernal`"
         );
+        assert_eq!(
+            err(r#"{"payload": {"kernel": "/k"}, "rng": {"src": "/dev/urandom", "x": 1}}"#),
+            "unknown field `rng.x`"
+        );
+        assert_eq!(
+            err(
+                r#"{"payload": {"kernel": "/k"}, "disks": [{"path": "/d", "readonly": false, "ro": true}]}"#
+            ),
+            "unknown field `disks[0].ro`"
+        );
         // A CH default object with a field CH does not have is not a default.
         assert!(
-            err(r#"{"payload": {"kernel": "/k"}, "rng": {"src": "/dev/urandom", "x": 1}}"#)
-                .starts_with("rng:")
+            err(r#"{"payload": {"kernel": "/k"}, "debug_console": {"mode": "Off", "x": 1}}"#)
+                .starts_with("debug_console:")
         );
     }
 
@@ -401,6 +708,18 @@ mod tests {
                 .contains("unknown variant `off`")
         );
         assert!(err("[1]").starts_with("invalid VmConfig:"));
+        assert!(err(
+            r#"{"payload": {"kernel": "/k"}, "disks": [{"path": "/d", "image_type": "vmdk"}]}"#
+        )
+        .contains("unknown variant `vmdk`"));
+        assert!(err(
+            r#"{"payload": {"kernel": "/k"}, "disks": [{"path": "/d", "readonly": "on"}]}"#
+        )
+        .contains("invalid type: string \"on\", expected a boolean"));
+        assert!(
+            err(r#"{"payload": {"kernel": "/k"}, "disks": {"path": "/d"}}"#)
+                .contains("expected a sequence")
+        );
     }
 
     #[test]
@@ -448,8 +767,24 @@ mod tests {
                 "serial.file is only used",
             ),
             (
-                r#"{"payload": {"kernel": "/k"}, "console": {"mode": "Tty"}}"#,
-                "console.mode Tty",
+                r#"{"payload": {"kernel": "/k"}, "console": {"mode": "Pty"}}"#,
+                "console.mode Pty is not supported by kite yet (use Off, Null, Tty or File)",
+            ),
+            (
+                r#"{"payload": {"kernel": "/k"}, "console": {"mode": "Socket", "socket": null}}"#,
+                "console.mode Socket is not supported",
+            ),
+            (
+                r#"{"payload": {"kernel": "/k"}, "console": {"mode": "File"}}"#,
+                "console.file is required",
+            ),
+            (
+                r#"{"payload": {"kernel": "/k"}, "console": {"mode": "Null", "file": "/x"}}"#,
+                "console.file is only used",
+            ),
+            (
+                r#"{"payload": {"kernel": "/k"}, "serial": {"mode": "Tty"}, "console": {"mode": "Tty"}}"#,
+                "serial.mode and console.mode are both Tty",
             ),
         ];
         for (json, expected) in cases {
@@ -475,6 +810,7 @@ mod tests {
                 "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
                 "memory": {"size": DEFAULT_MEMORY_SIZE},
                 "payload": {"kernel": "/k", "cmdline": "console=ttyS0"},
+                "rng": {"src": "/dev/urandom"},
                 "serial": {"mode": "Null"},
                 "console": {"mode": "Off"}
             })
@@ -482,8 +818,197 @@ mod tests {
         let back: VmConfig = serde_json::from_value(json).unwrap();
         assert_eq!(back, config);
         // Plain serde deserialization refuses unsupported fields too.
-        let bad =
-            serde_json::from_str::<VmConfig>(r#"{"payload": {}, "disks": [{}]}"#).unwrap_err();
-        assert!(bad.to_string().contains("disks: virtio-blk"));
+        let bad = serde_json::from_str::<VmConfig>(r#"{"payload": {}, "net": [{}]}"#).unwrap_err();
+        assert!(bad.to_string().contains("net: virtio-net"));
+    }
+
+    #[test]
+    fn disks_rng_and_console_parse_and_round_trip() {
+        let json = r#"{
+            "payload": {"kernel": "/k"},
+            "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+            "disks": [
+                {"path": "/images/root.qcow2", "readonly": true, "direct": true,
+                 "num_queues": 2, "queue_size": 256, "id": "root", "serial": "ROOT-0001",
+                 "image_type": "Qcow2"},
+                {"path": "/images/data.img", "readonly": null, "image_type": "Raw",
+                 "backing_files": true, "lock_granularity": "Full"},
+                {"path": "/images/scratch.img", "image_type": null}
+            ],
+            "rng": {"src": "/dev/random", "id": "entropy", "iommu": false,
+                    "pci_segment": 0, "pci_device_id": null},
+            "serial": {"mode": "Off"},
+            "console": {"mode": "Tty", "iommu": false, "id": null}
+        }"#;
+        let config = parse_vm_config(json.as_bytes()).unwrap();
+        assert_eq!(
+            config.disks,
+            [
+                DiskConfig {
+                    readonly: true,
+                    direct: true,
+                    num_queues: 2,
+                    queue_size: 256,
+                    id: Some("root".into()),
+                    serial: Some("ROOT-0001".into()),
+                    image_type: Some(ImageType::Qcow2),
+                    ..DiskConfig::new("/images/root.qcow2")
+                },
+                DiskConfig {
+                    image_type: Some(ImageType::Raw),
+                    ..DiskConfig::new("/images/data.img")
+                },
+                DiskConfig::new("/images/scratch.img"),
+            ]
+        );
+        assert_eq!(
+            config.rng,
+            RngConfig {
+                src: "/dev/random".into(),
+                id: Some("entropy".into())
+            }
+        );
+        assert_eq!(config.serial.mode, ConsoleMode::Off);
+        assert_eq!(config.console.mode, ConsoleMode::Tty);
+
+        let out = serde_json::to_value(&config).unwrap();
+        assert_eq!(
+            out["disks"],
+            serde_json::json!([
+                {"path": "/images/root.qcow2", "readonly": true, "direct": true,
+                 "num_queues": 2, "queue_size": 256, "id": "root", "serial": "ROOT-0001",
+                 "image_type": "Qcow2"},
+                {"path": "/images/data.img", "readonly": false, "direct": false,
+                 "num_queues": 1, "queue_size": 128, "image_type": "Raw"},
+                {"path": "/images/scratch.img", "readonly": false, "direct": false,
+                 "num_queues": 1, "queue_size": 128}
+            ])
+        );
+        assert_eq!(
+            out["rng"],
+            serde_json::json!({"src": "/dev/random", "id": "entropy"})
+        );
+        assert_eq!(out["console"], serde_json::json!({"mode": "Tty"}));
+        let back = parse_vm_config(out.to_string().as_bytes()).unwrap();
+        assert_eq!(back, config);
+
+        // Console File, and an explicit `disks: null` / `rng: null`.
+        let config = parse_vm_config(
+            br#"{"payload": {"kernel": "/k"}, "disks": null, "rng": null, "serial": {"mode": "Tty"},
+                 "console": {"mode": "File", "file": "/tmp/hvc0.log"}}"#,
+        )
+        .unwrap();
+        assert!(config.disks.is_empty());
+        assert_eq!(config.rng, RngConfig::default());
+        assert_eq!(
+            config.console.file.as_deref(),
+            Some(Path::new("/tmp/hvc0.log"))
+        );
+        // `rng` without `src` gets /dev/urandom.
+        let config =
+            parse_vm_config(br#"{"payload": {"kernel": "/k"}, "rng": {"id": "r"}}"#).unwrap();
+        assert_eq!(config.rng.src, Path::new(DEFAULT_RNG_SOURCE));
+    }
+
+    #[test]
+    fn ch_default_rng_object_is_accepted() {
+        let config = parse_vm_config(
+            br#"{"payload": {"kernel": "/k"},
+                 "rng": {"src": "/dev/urandom", "iommu": false, "pci_segment": 0}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.rng, RngConfig::default());
+    }
+
+    #[test]
+    fn disk_and_device_id_errors() {
+        let disk = |fields: &str| {
+            err(&format!(
+                r#"{{"payload": {{"kernel": "/k"}}, "disks": [{{"path": "/d", {fields}}}]}}"#
+            ))
+        };
+        let cases = [
+            (
+                disk(r#""queue_size": 100"#),
+                "disks[0].queue_size (100) must be a power of two from 4 to 1024",
+            ),
+            (disk(r#""queue_size": 0"#), "disks[0].queue_size (0)"),
+            (disk(r#""queue_size": 2048"#), "disks[0].queue_size (2048)"),
+            (disk(r#""queue_size": 2"#), "disks[0].queue_size (2)"),
+            (
+                disk(r#""queue_size": 65536"#),
+                "disks[0].queue_size (65536)",
+            ),
+            (
+                disk(r#""num_queues": 0"#),
+                "disks[0].num_queues (0) must be from 1 to 16",
+            ),
+            (disk(r#""num_queues": 17"#), "disks[0].num_queues (17)"),
+            (
+                disk(r#""num_queues": 4294967296"#),
+                "disks[0].num_queues (4294967296)",
+            ),
+            (
+                disk(r#""serial": "123456789012345678901""#),
+                "disks[0].serial is 21 bytes",
+            ),
+            (disk(r#""id": """#), "disks[0].id must not be empty"),
+            (disk(r#""id": "__rng""#), "disks[0].id `__rng` is reserved"),
+            (
+                err(r#"{"payload": {"kernel": "/k"}, "disks": [{"readonly": true}]}"#),
+                "disks[0].path is required",
+            ),
+            (
+                err(r#"{"payload": {"kernel": "/k"}, "disks": [{"path": "/a"}, {"path": ""}]}"#),
+                "disks[1].path is required",
+            ),
+            (
+                err(r#"{"payload": {"kernel": "/k"},
+                        "disks": [{"path": "/a", "id": "d"}, {"path": "/b", "id": "d"}]}"#),
+                "disks[1].id `d` is already the id of another device",
+            ),
+            (
+                err(
+                    r#"{"payload": {"kernel": "/k"}, "disks": [{"path": "/a", "id": "x"}],
+                        "rng": {"src": "/dev/urandom", "id": "x"}}"#,
+                ),
+                "rng.id `x` is already the id",
+            ),
+            (
+                err(r#"{"payload": {"kernel": "/k"}, "rng": {"src": ""}}"#),
+                "rng.src must not be empty",
+            ),
+        ];
+        for (message, expected) in cases {
+            assert!(message.contains(expected), "{expected}: got {message:?}");
+        }
+        // The bounds themselves are fine.
+        for (n, size) in [(1, 4), (16, 1024), (4, 128)] {
+            let json = format!(
+                r#"{{"payload": {{"kernel": "/k"}}, "disks": [{{"path": "/d", "num_queues": {n}, "queue_size": {size}}}]}}"#
+            );
+            parse_vm_config(json.as_bytes()).unwrap();
+        }
+        // Struct-level checks catch what embedders and the CLI build.
+        let mut config = minimal();
+        config.disks = vec![DiskConfig {
+            queue_size: 96,
+            ..DiskConfig::new("/d")
+        }];
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::DiskQueueSize {
+                index: 0,
+                value: 96
+            })
+        ));
+        config.disks[0].queue_size = 64;
+        config.disks[0].num_queues = 0;
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::DiskNumQueues { index: 0, value: 0 })
+        ));
+        config.disks[0].num_queues = 1;
+        config.validate().unwrap();
     }
 }

@@ -1132,8 +1132,16 @@ mod tests {
             (r#"{"payload": {"kernel": 3}}"#, "invalid type: integer `3`"),
             ("{}", "missing field `payload`"),
             (
-                r#"{"payload": {"kernel": "/k"}, "disks": [{"path": "/d"}]}"#,
-                "disks: virtio-blk is not supported by kite yet",
+                r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "tap0"}]}"#,
+                "net: virtio-net is not supported by kite yet",
+            ),
+            (
+                r#"{"payload": {"kernel": "/k"}, "disks": [{"path": "/d", "queue_size": 100}]}"#,
+                "disks[0].queue_size (100) must be a power of two",
+            ),
+            (
+                r#"{"payload": {"kernel": "/k"}, "serial": {"mode": "Tty"}, "console": {"mode": "Tty"}}"#,
+                "only one device can own the terminal",
             ),
             (
                 r#"{"payload": {"kernel": "/k"}, "x": 1}"#,

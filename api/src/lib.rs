@@ -10,8 +10,8 @@ pub mod config;
 pub mod http;
 
 pub use command::{
-    ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, ApiSender, VmCounters, VmInfo, VmState,
-    VmmPingResponse,
+    pci_bdf, ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, ApiSender, DeviceNode,
+    Resource, VmCounters, VmInfo, VmState, VmmPingResponse,
 };
-pub use config::{parse_vm_config, ConfigError, VmConfig};
+pub use config::{parse_vm_config, ConfigError, DiskConfig, RngConfig, VmConfig};
 pub use http::{serve_http, start_http_server, HttpError};

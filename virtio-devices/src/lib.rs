@@ -3,8 +3,11 @@
 //! with irqfd, and guest notifications arrive on ioeventfds, so the data path
 //! runs on device threads without exits to the VMM's vCPU loop.
 
+pub mod block;
+pub mod console;
 pub mod device;
 pub mod pci;
+pub mod rng;
 pub mod transport;
 pub mod worker;
 

@@ -4,6 +4,7 @@
 //! the queue's interrupt when the driver wants one.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -120,8 +121,12 @@ impl Worker {
     }
 }
 
-/// Drains a queue; with EVENT_IDX, re-checks after re-enabling notifications
-/// so a buffer made available meanwhile is not missed.
+/// Drains a queue. With EVENT_IDX, re-enabling notifications can reveal
+/// buffers made available meanwhile (for which the driver may not have
+/// kicked): those are served too. It goes round again only when the driver
+/// made more available, so buffers a handler leaves waiting on purpose (a
+/// console's receive buffers without host input) or a corrupt ring cannot
+/// make it spin.
 fn serve<H: QueueHandler>(
     handler: &mut H,
     q: &mut ActiveQueue,
@@ -130,6 +135,7 @@ fn serve<H: QueueHandler>(
     event_idx: bool,
 ) {
     loop {
+        let seen = q.queue.avail_idx(mem, Ordering::Acquire).ok();
         if event_idx {
             let _ = q.queue.disable_notification(mem);
         }
@@ -140,9 +146,10 @@ fn serve<H: QueueHandler>(
         if !event_idx {
             return;
         }
-        match q.queue.enable_notification(mem) {
-            Ok(true) => continue,
-            _ => return,
+        let more = q.queue.enable_notification(mem).unwrap_or(false);
+        let now = q.queue.avail_idx(mem, Ordering::Acquire).ok();
+        if !more || now == seen {
+            return;
         }
     }
 }

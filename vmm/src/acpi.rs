@@ -4,10 +4,11 @@
 //! 0x600), how to reset, and where power-button events come from (a GED).
 
 use acpi_tables::aml::{
-    self, Device, EISAName, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If,
-    Interrupt, Local, Method, Name, Notify, OpRegion, OpRegionSpace, Package, Path,
-    ResourceTemplate, Store, IO,
+    self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Field, FieldAccessType,
+    FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local, Method, Name, Notify,
+    OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Store, IO,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::{GenericAddress, Sdt};
 use acpi_tables::xsdt::XSDT;
@@ -20,6 +21,7 @@ use zerocopy::IntoBytes;
 
 use crate::layout::{
     ACPI_MAX_SIZE, ACPI_START, GED_IRQ, GED_MMIO_START, IOAPIC_START, LAPIC_START,
+    PCI_MMCONFIG_START, PCI_MMIO32_END, PCI_MMIO32_START,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -107,6 +109,40 @@ fn dsdt() -> Sdt {
                         vec![&Notify::new(&Path::new("\\_SB_.PWRB"), &0x80u8)],
                     ),
                 ],
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut dsdt);
+
+    // The PCI root: bus 0, config through CF8/CFC or ECAM (MCFG), BARs in
+    // the 32-bit MMIO window below the ECAM window.
+    let io_low = AddressSpace::<u16>::new_io(0x0000, 0x0cf7, None);
+    let io_high = AddressSpace::<u16>::new_io(0x0d00, 0xffff, None);
+    let mmio32 = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO32_START as u32,
+        (PCI_MMIO32_END - 1) as u32,
+        None,
+    );
+    Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0A08")),
+            &Name::new("_CID".into(), &EISAName::new("PNP0A03")),
+            &Name::new("_ADR".into(), &aml::ZERO),
+            &Name::new("_SEG".into(), &aml::ZERO),
+            &Name::new("_UID".into(), &aml::ZERO),
+            &Name::new("_BBN".into(), &aml::ZERO),
+            &Name::new(
+                "_CRS".into(),
+                &ResourceTemplate::new(vec![
+                    &AddressSpace::<u16>::new_bus_number(0, 0),
+                    &IO::new(0xcf8, 0xcf8, 1, 8),
+                    &io_low,
+                    &io_high,
+                    &mmio32,
+                ]),
             ),
         ],
     )
@@ -204,9 +240,15 @@ pub fn create_acpi_tables(
     let dsdt_addr = place(dsdt().as_slice())?;
     let fadt_addr = place(fadt(dsdt_addr).as_slice())?;
     let madt_addr = place(madt(boot_vcpus, max_vcpus).as_slice())?;
+    let mut mcfg = MCFG::new(OEM_ID, table_id(b"MCFG"), 1);
+    mcfg.add_ecam(PCI_MMCONFIG_START, 0, 0, 0);
+    let mut mcfg_bytes = Vec::new();
+    mcfg.to_aml_bytes(&mut mcfg_bytes);
+    let mcfg_addr = place(&mcfg_bytes)?;
     let mut xsdt = XSDT::new(OEM_ID, table_id(b"XSDT"), 1);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let mut xsdt_bytes = Vec::new();
     xsdt.to_aml_bytes(&mut xsdt_bytes);
     let xsdt_addr = place(&xsdt_bytes)?;
@@ -254,6 +296,8 @@ mod tests {
         let dsdt = read_table(u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        assert_eq!(&read_table(entries[2])[..4], b"MCFG");
+        assert!(dsdt.windows(4).any(|w| w == b"PCI0"));
         let madt = read_table(entries[1]);
         assert_eq!(&madt[..4], b"APIC");
         // 4 local APICs, 2 of them enabled.

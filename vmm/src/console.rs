@@ -1,9 +1,10 @@
-//! The host side of the guest's serial console: where COM1's output goes
-//! (stdout, a file, nowhere) and, in tty mode, stdin in raw mode as its input.
+//! The host side of the guest's consoles (COM1 and virtio-console): where
+//! their output goes (stdout, a file, nowhere) and, in tty mode, stdin in raw
+//! mode as their input.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 use api::config::{ConsoleConfig, ConsoleMode};
@@ -13,62 +14,96 @@ use devices::serial::SerialOutput;
 pub enum ConsoleError {
     #[error("cannot open serial output file {path}: {source}")]
     OpenFile { path: PathBuf, source: io::Error },
-    #[error("serial mode File needs a file path")]
+    #[error("console mode File needs a file path")]
     NoFile,
-    #[error("serial mode {0:?} is not supported")]
+    #[error("console mode {0:?} is not supported")]
     Unsupported(ConsoleMode),
 }
 
-/// Where COM1 writes. The file is opened once per created VM so that a guest
-/// reboot appends to the same output.
-pub enum SerialSink {
-    /// No serial device at all.
+/// Where a console writes. The file is opened once per created VM so that a
+/// guest reboot appends to the same output.
+pub enum ConsoleSink {
+    /// No device at all.
     Off,
-    /// A serial device whose output is discarded.
+    /// A device whose output is discarded.
     Null,
     Stdout,
     File(File),
 }
 
-impl SerialSink {
-    pub fn open(config: &ConsoleConfig) -> Result<SerialSink, ConsoleError> {
+impl ConsoleSink {
+    pub fn open(config: &ConsoleConfig) -> Result<ConsoleSink, ConsoleError> {
         Ok(match config.mode {
-            ConsoleMode::Off => SerialSink::Off,
-            ConsoleMode::Null => SerialSink::Null,
-            ConsoleMode::Tty => SerialSink::Stdout,
+            ConsoleMode::Off => ConsoleSink::Off,
+            ConsoleMode::Null => ConsoleSink::Null,
+            ConsoleMode::Tty => ConsoleSink::Stdout,
             ConsoleMode::File => {
                 let path = config.file.as_deref().ok_or(ConsoleError::NoFile)?;
-                SerialSink::File(create(path)?)
+                ConsoleSink::File(create(path)?)
             }
             other => return Err(ConsoleError::Unsupported(other)),
         })
     }
 
-    /// A writer for a new VM's COM1, or None when the port is off.
+    /// A writer for a new VM's device, or None when the device is off.
     pub fn writer(&self) -> io::Result<Option<SerialOutput>> {
         Ok(match self {
-            SerialSink::Off => None,
-            SerialSink::Null => Some(Box::new(io::sink())),
-            SerialSink::Stdout => Some(Box::new(Stdout)),
-            SerialSink::File(f) => Some(Box::new(f.try_clone()?)),
+            ConsoleSink::Off => None,
+            ConsoleSink::Null => Some(Box::new(io::sink())),
+            ConsoleSink::Stdout => Some(Box::new(Stdout)),
+            ConsoleSink::File(f) => Some(Box::new(f.try_clone()?)),
         })
     }
 
     /// Empties the output file, for a newly created VM.
     pub fn truncate(&self) -> io::Result<()> {
         match self {
-            SerialSink::File(f) => f.set_len(0),
+            ConsoleSink::File(f) => f.set_len(0),
             _ => Ok(()),
         }
     }
 
     pub fn reads_stdin(&self) -> bool {
-        matches!(self, SerialSink::Stdout)
+        matches!(self, ConsoleSink::Stdout)
+    }
+
+    /// The device's input: a duplicate of stdin in tty mode.
+    pub fn input(&self) -> io::Result<Option<File>> {
+        if !self.reads_stdin() {
+            return Ok(None);
+        }
+        let fd = io::stdin().as_fd().try_clone_to_owned()?;
+        Ok(Some(File::from(fd)))
+    }
+}
+
+/// The host ends of both guest consoles.
+pub struct Consoles {
+    pub serial: ConsoleSink,
+    pub virtio: ConsoleSink,
+}
+
+impl Consoles {
+    pub fn open(serial: &ConsoleConfig, virtio: &ConsoleConfig) -> Result<Consoles, ConsoleError> {
+        Ok(Consoles {
+            serial: ConsoleSink::open(serial)?,
+            virtio: ConsoleSink::open(virtio)?,
+        })
+    }
+
+    /// Empties the output files, for a newly created VM.
+    pub fn truncate(&self) -> io::Result<()> {
+        self.serial.truncate()?;
+        self.virtio.truncate()
+    }
+
+    pub fn use_terminal(&self) -> bool {
+        self.serial.reads_stdin() || self.virtio.reads_stdin()
     }
 }
 
 /// Opens (creating) without truncating: a `vm.create` that fails later must
-/// leave an existing file as it was. [`SerialSink::truncate`] empties it once
+/// leave an existing file as it was. [`ConsoleSink::truncate`] empties it once
 /// the VM exists.
 fn create(path: &Path) -> Result<File, ConsoleError> {
     OpenOptions::new()

@@ -2,7 +2,6 @@
 //! API command channel, on VM events from devices and vCPUs, and on stdin when
 //! the serial console is the terminal, and does what each asks.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -18,7 +17,7 @@ use kvm_ioctls::Kvm;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::console::{RawTerminal, SerialSink};
+use crate::console::{Consoles, RawTerminal};
 use crate::vm::{Vm, VmError};
 use crate::VmmError;
 
@@ -41,7 +40,7 @@ pub enum VmmExit {
 struct Instance {
     config: VmConfig,
     state: VmState,
-    sink: SerialSink,
+    consoles: Consoles,
     vm: Option<Vm>,
 }
 
@@ -173,16 +172,26 @@ impl ControlLoop {
             ApiAction::VmBoot => self.boot(),
             ApiAction::VmInfo => {
                 let inst = self.instance.as_ref().ok_or(ApiError::VmNotCreated)?;
+                let device_tree = inst
+                    .vm
+                    .as_ref()
+                    .map(|vm| vm.devices().device_tree())
+                    .unwrap_or_default();
                 Ok(ApiResponse::Info(Box::new(VmInfo {
                     config: inst.config.clone(),
                     state: inst.state,
                     memory_actual_size: inst.config.memory.size,
-                    device_tree: BTreeMap::new(),
+                    device_tree,
                 })))
             }
             ApiAction::VmCounters => {
-                self.instance.as_ref().ok_or(ApiError::VmNotCreated)?;
-                Ok(ApiResponse::Counters(BTreeMap::new()))
+                let inst = self.instance.as_ref().ok_or(ApiError::VmNotCreated)?;
+                let counters = inst
+                    .vm
+                    .as_ref()
+                    .map(|vm| vm.devices().counters())
+                    .unwrap_or_default();
+                Ok(ApiResponse::Counters(counters))
             }
             ApiAction::VmPause => {
                 let inst = instance_in(&mut self.instance, "pause", &[VmState::Running])?;
@@ -251,19 +260,20 @@ impl ControlLoop {
             .validate()
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         crate::host::check_fits(&config).map_err(ApiError::BadRequest)?;
-        let sink =
-            SerialSink::open(&config.serial).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let vm =
-            build_vm(&self.kvm, &self.cpuid, &self.events, &config, &sink).map_err(vm_api_error)?;
-        sink.truncate()
-            .map_err(|e| ApiError::Internal(format!("cannot empty the serial output file: {e}")))?;
-        if sink.reads_stdin() {
-            self.attach_stdin();
+        let consoles = Consoles::open(&config.serial, &config.console)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let vm = build_vm(&self.kvm, &self.cpuid, &self.events, &config, &consoles)
+            .map_err(vm_api_error)?;
+        consoles
+            .truncate()
+            .map_err(|e| ApiError::Internal(format!("cannot empty a console output file: {e}")))?;
+        if consoles.use_terminal() {
+            self.attach_terminal(consoles.serial.reads_stdin());
         }
         self.instance = Some(Instance {
             config,
             state: VmState::Created,
-            sink,
+            consoles,
             vm: Some(vm),
         });
         Ok(ApiResponse::Empty)
@@ -282,7 +292,7 @@ impl ControlLoop {
                 &self.cpuid,
                 &self.events,
                 &inst.config,
-                &inst.sink,
+                &inst.consoles,
             );
             inst.vm = Some(vm.map_err(vm_api_error)?);
         }
@@ -326,7 +336,7 @@ impl ControlLoop {
             &self.cpuid,
             &self.events,
             &inst.config,
-            &inst.sink,
+            &inst.consoles,
         )?;
         if !paused {
             vm.start()?;
@@ -378,11 +388,15 @@ impl ControlLoop {
         None
     }
 
-    fn attach_stdin(&mut self) {
-        if self.stdin_registered {
+    /// Puts the terminal in raw mode for a tty console; COM1 reads stdin
+    /// here, virtio-console on its own device thread.
+    fn attach_terminal(&mut self, serial_input: bool) {
+        if self._raw_terminal.is_none() {
+            self._raw_terminal = RawTerminal::enable();
+        }
+        if self.stdin_registered || !serial_input {
             return;
         }
-        self._raw_terminal = RawTerminal::enable();
         let fd = std::io::stdin().as_raw_fd();
         match self.epoll.ctl(
             ControlOperation::Add,
@@ -443,10 +457,7 @@ fn build_vm(
     cpuid: &CpuId,
     events: &VmEventSender,
     config: &VmConfig,
-    sink: &SerialSink,
+    consoles: &Consoles,
 ) -> Result<Vm, VmError> {
-    let out = sink
-        .writer()
-        .map_err(|e| VmError::EventFd("serial output", e))?;
-    Vm::new(kvm, cpuid, config, out, events.clone())
+    Vm::new(kvm, cpuid, config, consoles, events.clone())
 }

@@ -32,7 +32,10 @@ pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// The 32-bit MMIO hole below 4 GiB: RAM beyond this goes above 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
-/// Reserved for a PCI ECAM window (announced in e820 so the guest keeps out).
+/// Where PCI BARs go: the MMIO hole up to the ECAM window.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO32_END: u64 = PCI_MMCONFIG_START;
+/// The PCI ECAM window (announced in e820 so the guest keeps out).
 pub const PCI_MMCONFIG_START: u64 = 0xe800_0000;
 pub const PCI_MMCONFIG_SIZE: u64 = 0x1000_0000;
 /// Platform MMIO devices (the ACPI GED register).

@@ -2,24 +2,16 @@
 //! memory, the platform devices on their buses, the loaded payload and the
 //! vCPUs. Built whole by [`Vm::new`], then started, paused and stopped.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use api::config::VmConfig;
-use devices::acpi_pm::{
-    AcpiPmTimer, AcpiSleep, ACPI_PM_TIMER_LEN, ACPI_PM_TIMER_PORT, ACPI_SLEEP_PORT,
-    ACPI_SLEEP_PORT_LEN,
-};
-use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
-use devices::ged::{Ged, GED_MMIO_LEN, GED_POWER_BUTTON};
-use devices::i8042::{I8042, I8042_DATA_PORT};
-use devices::serial::{IrqTrigger, Serial, SerialOutput, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
-use devices::{Bus, BusDevice, BusError, VmEventSender};
+use devices::VmEventSender;
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError, Payload};
-use crate::layout::{GED_IRQ, GED_MMIO_START};
+use crate::console::Consoles;
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vcpu::VcpuThreads;
 use crate::x86::{self, CpuError};
@@ -45,13 +37,10 @@ pub enum VmError {
     Mptable(#[from] crate::mptable::MptableError),
     #[error(transparent)]
     Cpu(#[from] CpuError),
-    #[error("cannot place {device} on the bus: {source}")]
-    Bus {
-        device: &'static str,
-        source: BusError,
-    },
-    #[error("cannot create an eventfd for {0}: {1}")]
-    EventFd(&'static str, std::io::Error),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error("cannot open a console's output: {0}")]
+    ConsoleOutput(std::io::Error),
     #[error("cannot start vCPU threads: {0}")]
     Threads(std::io::Error),
     #[error("the VM has no kernel to boot")]
@@ -62,7 +51,10 @@ impl VmError {
     /// True when the request (not the host) is at fault: a bad kernel,
     /// initramfs or command line.
     pub fn is_client_error(&self) -> bool {
-        matches!(self, VmError::Boot(_) | VmError::NoKernel)
+        matches!(
+            self,
+            VmError::Boot(_) | VmError::NoKernel | VmError::Devices(DeviceError::Config(_))
+        )
     }
 }
 
@@ -82,10 +74,7 @@ pub struct Vm {
     // Field order is drop order: vCPU threads stop first, memory goes before
     // the VM fd.
     threads: Threads,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    serial: Option<Arc<Mutex<Serial>>>,
-    ged: Arc<Mutex<Ged>>,
+    devices: DeviceManager,
     events: VmEventSender,
     memory: GuestMemoryMmap,
     fd: Arc<VmFd>,
@@ -93,12 +82,13 @@ pub struct Vm {
 
 impl Vm {
     /// Builds the whole VM from `config`. `cpuid` is what KVM supports (read
-    /// once per process); `serial_out` is where COM1 writes (None: no COM1).
+    /// once per process); `consoles` are the host ends of COM1 and the
+    /// virtio-console.
     pub fn new(
         kvm: &Kvm,
         cpuid: &CpuId,
         config: &VmConfig,
-        serial_out: Option<SerialOutput>,
+        consoles: &Consoles,
         events: VmEventSender,
     ) -> Result<Vm, VmError> {
         let started = std::time::Instant::now();
@@ -119,48 +109,9 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
 
-        let pio = Bus::new();
-        let mmio = Bus::new();
-        let serial = match serial_out {
-            Some(out) => {
-                let line = fd.clone();
-                let irq = IrqTrigger(Box::new(move || pulse_irq_line(&line, COM1_IRQ)));
-                let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
-                insert(&pio, serial.clone(), COM1_PORT, COM1_PORT_LEN, "COM1")?;
-                Some(serial)
-            }
-            None => None,
-        };
-        insert(
-            &pio,
-            Arc::new(Mutex::new(I8042::new(events.clone()))),
-            I8042_DATA_PORT,
-            5,
-            "i8042",
-        )?;
-        insert(
-            &pio,
-            Arc::new(Mutex::new(Cmos::default())),
-            CMOS_PORT,
-            CMOS_PORT_LEN,
-            "CMOS",
-        )?;
-        insert(
-            &pio,
-            Arc::new(Mutex::new(AcpiSleep::new(events.clone()))),
-            ACPI_SLEEP_PORT,
-            ACPI_SLEEP_PORT_LEN,
-            "ACPI sleep/reset",
-        )?;
-        insert(
-            &pio,
-            Arc::new(Mutex::new(AcpiPmTimer::default())),
-            ACPI_PM_TIMER_PORT,
-            ACPI_PM_TIMER_LEN,
-            "ACPI PM timer",
-        )?;
-        let ged = Arc::new(Mutex::new(Ged::new(irqfd(&fd, GED_IRQ, "GED")?)));
-        insert(&mmio, ged.clone(), GED_MMIO_START, GED_MMIO_LEN, "GED")?;
+        let serial_out = consoles.serial.writer().map_err(VmError::ConsoleOutput)?;
+        let mut devices = DeviceManager::new(fd.clone(), mem.clone(), serial_out, &events)?;
+        devices.add_configured(config, &consoles.virtio)?;
 
         let cpus = &config.cpus;
         let rsdp = crate::acpi::create_acpi_tables(&mem, cpus.boot_vcpus, cpus.max_vcpus)?;
@@ -194,10 +145,7 @@ impl Vm {
 
         Ok(Vm {
             threads: Threads::Ready(vcpus),
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            serial,
-            ged,
+            devices,
             events,
             memory: mem,
             fd,
@@ -209,8 +157,8 @@ impl Vm {
         if let Threads::Ready(vcpus) = std::mem::replace(&mut self.threads, Threads::Stopped) {
             let threads = VcpuThreads::start(
                 vcpus,
-                self.pio.clone(),
-                self.mmio.clone(),
+                self.devices.pio.clone(),
+                self.devices.mmio.clone(),
                 self.events.clone(),
             )
             .map_err(VmError::Threads)?;
@@ -248,15 +196,12 @@ impl Vm {
     pub fn dispose(self) {
         let Vm {
             threads,
-            pio,
-            mmio,
-            serial,
-            ged,
+            devices,
             events,
             memory,
             fd,
         } = self;
-        drop((threads, pio, mmio, serial, ged, events, memory));
+        drop((threads, devices, events, memory));
         let spawned = std::thread::Builder::new()
             .name("kite-vm-close".into())
             .spawn(move || drop(fd));
@@ -267,43 +212,15 @@ impl Vm {
 
     /// Presses the ACPI power button.
     pub fn power_button(&self) -> std::io::Result<()> {
-        devices::bus::lock(&self.ged).notify(GED_POWER_BUTTON)
+        self.devices.power_button()
     }
 
     /// Gives host input to the guest's serial port.
     pub fn serial_input(&self, bytes: &[u8]) -> usize {
-        match &self.serial {
-            Some(s) => devices::bus::lock(s).enqueue_input(bytes),
-            None => 0,
-        }
+        self.devices.serial_input(bytes)
     }
-}
 
-/// An edge on ISA interrupt `irq`, injected at once (KVM_IRQ_LINE).
-fn pulse_irq_line(fd: &VmFd, irq: u32) -> std::io::Result<()> {
-    fd.set_irq_line(irq, true)
-        .and_then(|()| fd.set_irq_line(irq, false))
-        .map_err(std::io::Error::other)
-}
-
-/// An eventfd wired to `gsi` with KVM_IRQFD: writing it interrupts the guest.
-fn irqfd(fd: &VmFd, gsi: u32, device: &'static str) -> Result<EventFd, VmError> {
-    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd(device, e))?;
-    fd.register_irqfd(&evt, gsi)
-        .map_err(kvm_err("register an irqfd"))?;
-    Ok(evt)
-}
-
-fn insert(
-    bus: &Bus,
-    device: Arc<Mutex<dyn BusDevice>>,
-    base: u64,
-    len: u64,
-    name: &'static str,
-) -> Result<(), VmError> {
-    bus.insert(device, base, len)
-        .map_err(|source| VmError::Bus {
-            device: name,
-            source,
-        })
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
 }

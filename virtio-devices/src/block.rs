@@ -1,0 +1,885 @@
+//! virtio-blk (type 2) over a [`DiskImage`].
+//!
+//! Each queue has its own worker thread; the workers share the image behind
+//! a mutex that is held only for the I/O call itself.
+//!
+//! # Requests
+//!
+//! A request is read as two byte streams, whatever the descriptor layout
+//! (virtio 1.x implies VIRTIO_F_ANY_LAYOUT): the device-readable descriptors
+//! in chain order, then the device-writable ones. The readable stream starts
+//! with the 16-byte header (type u32, reserved u32, sector u64), which may
+//! be split across descriptors; the rest of it is the data of OUT,
+//! DISCARD and WRITE_ZEROES. The last byte of the writable stream is the
+//! status; the bytes before it are the data of IN and GET_ID. A chain with a
+//! readable descriptor after a writable one, or with more than
+//! [`MAX_DESCRIPTORS_PER_REQUEST`] descriptors, fails with IOERR; one without
+//! any writable byte (so no status) is returned with used length 0.
+//!
+//! Every descriptor is checked against guest memory before anything is done,
+//! and every disk access against the disk's size (`sector * 512 + len` must
+//! not overflow and must end within the disk), so a request either fits or
+//! never reaches the image. Data moves through one reusable buffer per
+//! worker, [`IO_CHUNK`] bytes at a time, so a request of any size (a chain
+//! carries less than 4 GiB) uses bounded memory and no allocation once the
+//! buffer has grown. Discard and write-zeroes ranges are handed to the image
+//! in pieces of at most [`ZERO_CHUNK`] bytes so that other queues can reach
+//! the disk in between.
+//!
+//! # Write cache
+//!
+//! VIRTIO_BLK_F_FLUSH is offered: the device then behaves like a disk with a
+//! volatile write cache, and a FLUSH returns only once the image has synced.
+//! A driver that does not negotiate it gets write-through: every write,
+//! discard and write-zeroes is followed by a flush before its status.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::Wrapping;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use ::block::{BlockError, DiskImage};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::device::{ActivateError, ActiveQueue, QueueInterrupt, VirtioDevice};
+use crate::worker::{QueueHandler, Worker};
+use crate::GuestMemoryMmap;
+
+/// Bytes in a virtio-blk sector (requests are addressed in these units).
+pub const SECTOR_SIZE: u64 = 512;
+/// The most queues a device may have (each gets a thread and an MSI-X vector).
+pub const MAX_QUEUES: u16 = 256;
+/// The most descriptors one request may use; drivers are told `seg_max`
+/// (at most 254) data segments, plus header and status.
+pub const MAX_DESCRIPTORS_PER_REQUEST: usize = 1024;
+/// Data moves between guest memory and the disk this many bytes at a time.
+pub const IO_CHUNK: usize = 1 << 20;
+/// Discard and write-zeroes reach the image in pieces of at most this size.
+pub const ZERO_CHUNK: u64 = 256 << 20;
+/// Segments in one discard or write-zeroes request, at most.
+pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Sectors in one discard or write-zeroes segment, at most.
+pub const MAX_DISCARD_SECTORS: u32 = u32::MAX;
+/// Discard granularity advertised, in sectors (4 KiB).
+pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+/// Data segments per request advertised, at most.
+const MAX_SEG_MAX: u16 = 254;
+
+const HEADER_SIZE: usize = 16;
+const SEGMENT_SIZE: usize = 16;
+const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+/// struct virtio_blk_config up to write_zeroes_may_unmap and its padding.
+const CONFIG_SIZE: usize = 60;
+
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+/// Disk errors logged as warnings per worker; later ones go to debug, so a
+/// failing host disk cannot flood the log at the guest's request rate.
+const LOGGED_DISK_ERRORS: u32 = 16;
+
+/// Why a block device cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[error("virtio-blk {id}: {reason}")]
+pub struct BlockConfigError {
+    pub id: String,
+    pub reason: String,
+}
+
+#[derive(Default)]
+struct Counters {
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+    read_ops: AtomicU64,
+    write_ops: AtomicU64,
+    flush_ops: AtomicU64,
+    discard_ops: AtomicU64,
+    write_zeroes_ops: AtomicU64,
+    errors: AtomicU64,
+    /// Requests completed, per queue.
+    queue_requests: Vec<AtomicU64>,
+}
+
+type SharedDisk = Arc<Mutex<Box<dyn DiskImage>>>;
+
+fn lock(disk: &Mutex<Box<dyn DiskImage>>) -> MutexGuard<'_, Box<dyn DiskImage>> {
+    // A worker that panicked mid-request cannot have left the image in a
+    // state worse than a crash would; keep serving.
+    disk.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    id: String,
+    disk: SharedDisk,
+    readonly: bool,
+    num_queues: u16,
+    queue_size: u16,
+    /// Disk size in sectors; a partial last sector is not exposed.
+    capacity: u64,
+    discard: bool,
+    serial: [u8; ID_BYTES],
+    features: u64,
+    config: [u8; CONFIG_SIZE],
+    counters: Arc<Counters>,
+    workers: Vec<Worker>,
+}
+
+impl fmt::Debug for Block {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Block")
+            .field("id", &self.id)
+            .field("readonly", &self.readonly)
+            .field("num_queues", &self.num_queues)
+            .field("queue_size", &self.queue_size)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Block {
+    /// A device serving `disk` on `num_queues` queues of up to `queue_size`
+    /// entries (a power of two, 4 to 32768). `serial` is what GET_ID returns
+    /// (its first 20 bytes); empty means the id.
+    pub fn new(
+        id: String,
+        disk: Box<dyn DiskImage>,
+        readonly: bool,
+        num_queues: u16,
+        queue_size: u16,
+        serial: String,
+    ) -> Result<Block, BlockConfigError> {
+        let invalid = |reason: String| BlockConfigError {
+            id: id.clone(),
+            reason,
+        };
+        if num_queues == 0 || num_queues > MAX_QUEUES {
+            return Err(invalid(format!(
+                "num_queues must be between 1 and {MAX_QUEUES}, not {num_queues}"
+            )));
+        }
+        if !queue_size.is_power_of_two() || !(4..=32768).contains(&queue_size) {
+            return Err(invalid(format!(
+                "queue_size must be a power of two between 4 and 32768, not {queue_size}"
+            )));
+        }
+        let capacity = disk.size() / SECTOR_SIZE;
+        let discard = !readonly && disk.supports_discard();
+        let write_zeroes = !readonly;
+        let seg_max = (queue_size - 2).min(MAX_SEG_MAX);
+
+        let mut features = 1u64 << VIRTIO_BLK_F_FLUSH
+            | 1u64 << VIRTIO_BLK_F_SEG_MAX
+            | 1u64 << VIRTIO_BLK_F_BLK_SIZE;
+        if num_queues > 1 {
+            features |= 1u64 << VIRTIO_BLK_F_MQ;
+        }
+        if readonly {
+            features |= 1u64 << VIRTIO_BLK_F_RO;
+        }
+        if discard {
+            features |= 1u64 << VIRTIO_BLK_F_DISCARD;
+        }
+        if write_zeroes {
+            features |= 1u64 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+
+        let mut config = [0u8; CONFIG_SIZE];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            config[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        put(0, &capacity.to_le_bytes());
+        // size_max (8) and geometry (16) are not offered.
+        put(12, &u32::from(seg_max).to_le_bytes());
+        put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+        // topology (24) and writeback (32) are not offered.
+        put(34, &num_queues.to_le_bytes());
+        if discard {
+            put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+            put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+            put(44, &DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
+        }
+        if write_zeroes {
+            put(48, &MAX_DISCARD_SECTORS.to_le_bytes());
+            put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+            put(56, &[u8::from(discard)]);
+        }
+
+        let source = if serial.is_empty() { &id } else { &serial };
+        let mut serial_bytes = [0u8; ID_BYTES];
+        let n = source.len().min(ID_BYTES);
+        serial_bytes[..n].copy_from_slice(&source.as_bytes()[..n]);
+
+        let counters = Counters {
+            queue_requests: (0..num_queues).map(|_| AtomicU64::new(0)).collect(),
+            ..Default::default()
+        };
+        Ok(Block {
+            id,
+            disk: Arc::new(Mutex::new(disk)),
+            readonly,
+            num_queues,
+            queue_size,
+            capacity,
+            discard,
+            serial: serial_bytes,
+            features,
+            config,
+            counters: Arc::new(counters),
+            workers: Vec::new(),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Disk size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// A handler for queue `index` with the driver's `features`.
+    fn handler(&self, features: u64, index: u16) -> BlockHandler {
+        let has = |bit: u32| features & self.features & (1u64 << bit) != 0;
+        BlockHandler {
+            id: self.id.clone(),
+            disk: self.disk.clone(),
+            disk_bytes: self.capacity * SECTOR_SIZE,
+            readonly: self.readonly,
+            writethrough: !has(VIRTIO_BLK_F_FLUSH),
+            discard: has(VIRTIO_BLK_F_DISCARD),
+            write_zeroes: has(VIRTIO_BLK_F_WRITE_ZEROES),
+            serial: self.serial,
+            counters: self.counters.clone(),
+            queue: usize::from(index),
+            rsegs: Vec::new(),
+            wsegs: Vec::new(),
+            buf: Vec::new(),
+            disk_errors_logged: 0,
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.queue_size; usize::from(self.num_queues)]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    // The only writable field, writeback, needs VIRTIO_BLK_F_CONFIG_WCE,
+    // which is not offered: writes are ignored.
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn QueueInterrupt>,
+        queues: Vec<ActiveQueue>,
+        features: u64,
+    ) -> Result<(), ActivateError> {
+        self.reset();
+        let event_idx = features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for q in queues {
+            let handler = self.handler(features, q.index);
+            // Thread names: no NUL (spawn would panic) and, as Linux keeps
+            // 15 bytes, the queue first.
+            let id: String = self.id.chars().filter(char::is_ascii_graphic).collect();
+            let name = format!("blk{}-{id}", q.index);
+            match Worker::spawn(
+                name,
+                handler,
+                vec![q],
+                mem.clone(),
+                interrupt.clone(),
+                event_idx,
+            ) {
+                Ok(w) => self.workers.push(w),
+                Err(e) => {
+                    self.reset();
+                    return Err(e);
+                }
+            }
+        }
+        log::debug!(
+            "virtio-blk {}: {} queue(s), {} sectors{}{}",
+            self.id,
+            self.workers.len(),
+            self.capacity,
+            if self.readonly { ", read-only" } else { "" },
+            if self.discard { ", discard" } else { "" },
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Dropping a worker stops and joins its thread; requests in flight
+        // complete first.
+        self.workers.clear();
+    }
+
+    fn counters(&self) -> BTreeMap<String, u64> {
+        let c = &self.counters;
+        let mut m = BTreeMap::new();
+        for (name, v) in [
+            ("read_bytes", &c.read_bytes),
+            ("write_bytes", &c.write_bytes),
+            ("read_ops", &c.read_ops),
+            ("write_ops", &c.write_ops),
+            ("flush_ops", &c.flush_ops),
+            ("discard_ops", &c.discard_ops),
+            ("write_zeroes_ops", &c.write_zeroes_ops),
+            ("errors", &c.errors),
+        ] {
+            m.insert(name.to_string(), v.load(Ordering::Relaxed));
+        }
+        for (i, v) in c.queue_requests.iter().enumerate() {
+            m.insert(format!("queue{i}_requests"), v.load(Ordering::Relaxed));
+        }
+        m
+    }
+}
+
+/// One descriptor's buffer.
+#[derive(Clone, Copy, Debug)]
+struct Seg {
+    addr: u64,
+    len: u32,
+}
+
+fn total_len(segs: &[Seg]) -> u64 {
+    segs.iter().map(|s| u64::from(s.len)).sum()
+}
+
+/// A position in a list of guest buffers, read or written in order.
+struct Cursor<'a> {
+    segs: &'a [Seg],
+    index: usize,
+    offset: u32,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(segs: &'a [Seg]) -> Self {
+        Cursor {
+            segs,
+            index: 0,
+            offset: 0,
+        }
+    }
+
+    /// The next contiguous piece of at most `max` bytes.
+    fn next_piece(&mut self, max: usize) -> Option<(GuestAddress, usize)> {
+        while let Some(seg) = self.segs.get(self.index) {
+            let left = (seg.len - self.offset) as usize;
+            if left == 0 {
+                self.index += 1;
+                self.offset = 0;
+                continue;
+            }
+            let n = left.min(max);
+            let addr = seg.addr.checked_add(u64::from(self.offset))?;
+            // n <= left, which is a u32.
+            self.offset += n as u32;
+            return Some((GuestAddress(addr), n));
+        }
+        None
+    }
+
+    /// Fills `dst` from the guest buffers.
+    fn read(&mut self, mem: &GuestMemoryMmap, dst: &mut [u8]) -> bool {
+        let mut done = 0;
+        while done < dst.len() {
+            let Some((addr, n)) = self.next_piece(dst.len() - done) else {
+                return false;
+            };
+            if mem.read_slice(&mut dst[done..done + n], addr).is_err() {
+                return false;
+            }
+            done += n;
+        }
+        true
+    }
+
+    /// Copies `src` into the guest buffers.
+    fn write(&mut self, mem: &GuestMemoryMmap, src: &[u8]) -> bool {
+        let mut done = 0;
+        while done < src.len() {
+            let Some((addr, n)) = self.next_piece(src.len() - done) else {
+                return false;
+            };
+            if mem.write_slice(&src[done..done + n], addr).is_err() {
+                return false;
+            }
+            done += n;
+        }
+        true
+    }
+}
+
+/// Serves one queue on its worker thread.
+struct BlockHandler {
+    id: String,
+    disk: SharedDisk,
+    /// The disk size the guest sees, in bytes (a multiple of 512).
+    disk_bytes: u64,
+    readonly: bool,
+    /// FLUSH not negotiated: sync after every change.
+    writethrough: bool,
+    discard: bool,
+    write_zeroes: bool,
+    serial: [u8; ID_BYTES],
+    counters: Arc<Counters>,
+    queue: usize,
+    /// Scratch, reused from request to request.
+    rsegs: Vec<Seg>,
+    wsegs: Vec<Seg>,
+    buf: Vec<u8>,
+    disk_errors_logged: u32,
+}
+
+impl BlockHandler {
+    /// Serves one chain and returns the used length.
+    fn process_chain(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
+        let mut rsegs = std::mem::take(&mut self.rsegs);
+        let mut wsegs = std::mem::take(&mut self.wsegs);
+        let used = self.handle(chain, mem, &mut rsegs, &mut wsegs);
+        self.rsegs = rsegs;
+        self.wsegs = wsegs;
+        used
+    }
+
+    fn handle(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+        rsegs: &mut Vec<Seg>,
+        wsegs: &mut Vec<Seg>,
+    ) -> u32 {
+        let malformed = collect(chain, rsegs, wsegs);
+        let Some(status_addr) = take_status_byte(wsegs) else {
+            log::debug!("virtio-blk {}: request without a status byte", self.id);
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        };
+        if !GuestMemoryBackend::check_range(mem, status_addr, 1) {
+            log::debug!("virtio-blk {}: status byte outside guest memory", self.id);
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        let (status, written) = if malformed {
+            log::debug!("virtio-blk {}: malformed descriptor chain", self.id);
+            (S_IOERR, 0)
+        } else if !in_memory(mem, rsegs) || !in_memory(mem, wsegs) {
+            log::debug!("virtio-blk {}: buffer outside guest memory", self.id);
+            (S_IOERR, 0)
+        } else {
+            self.execute(mem, rsegs, wsegs)
+        };
+        if status != S_OK {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if mem.write_obj(status, status_addr).is_err() {
+            return 0;
+        }
+        written.saturating_add(1)
+    }
+
+    /// Runs a well-formed request; returns its status and the data bytes
+    /// written into guest buffers.
+    fn execute(&mut self, mem: &GuestMemoryMmap, rsegs: &[Seg], wsegs: &[Seg]) -> (u8, u32) {
+        let mut reader = Cursor::new(rsegs);
+        let mut header = [0u8; HEADER_SIZE];
+        if total_len(rsegs) < HEADER_SIZE as u64 || !reader.read(mem, &mut header) {
+            log::debug!("virtio-blk {}: request header too short", self.id);
+            return (S_IOERR, 0);
+        }
+        let [t0, t1, t2, t3, _, _, _, _, s @ ..] = header;
+        let req_type = u32::from_le_bytes([t0, t1, t2, t3]);
+        let sector = u64::from_le_bytes(s);
+        let rlen = total_len(rsegs) - HEADER_SIZE as u64;
+        let wlen = total_len(wsegs);
+        let mut writer = Cursor::new(wsegs);
+        match req_type {
+            VIRTIO_BLK_T_IN => self.read(mem, sector, &mut writer, wlen),
+            VIRTIO_BLK_T_OUT => self.write(mem, sector, &mut reader, rlen),
+            VIRTIO_BLK_T_FLUSH => self.flush(),
+            VIRTIO_BLK_T_GET_ID => self.get_id(mem, &mut writer, wlen),
+            VIRTIO_BLK_T_DISCARD => self.discard_or_zero(mem, &mut reader, rlen, false),
+            VIRTIO_BLK_T_WRITE_ZEROES => self.discard_or_zero(mem, &mut reader, rlen, true),
+            other => {
+                log::debug!("virtio-blk {}: unsupported request type {other}", self.id);
+                (S_UNSUPP, 0)
+            }
+        }
+    }
+
+    /// The byte offset of `len` bytes at `sector`, if they lie within the disk.
+    fn disk_range(&self, sector: u64, len: u64) -> Option<u64> {
+        let offset = sector.checked_mul(SECTOR_SIZE)?;
+        let end = offset.checked_add(len)?;
+        (end <= self.disk_bytes).then_some(offset)
+    }
+
+    fn grow_buffer(&mut self, n: usize) {
+        if self.buf.len() < n {
+            self.buf.resize(n, 0);
+        }
+    }
+
+    fn disk_error(&mut self, what: &str, e: &BlockError) {
+        if self.disk_errors_logged < LOGGED_DISK_ERRORS {
+            self.disk_errors_logged += 1;
+            log::warn!("virtio-blk {}: {what} failed: {e}", self.id);
+        } else {
+            log::debug!("virtio-blk {}: {what} failed: {e}", self.id);
+        }
+    }
+
+    /// Syncs the image if the driver did not negotiate a write cache.
+    fn sync_if_writethrough(&mut self) -> bool {
+        if !self.writethrough {
+            return true;
+        }
+        let result = lock(&self.disk).flush();
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                self.disk_error("flush", &e);
+                false
+            }
+        }
+    }
+
+    fn read(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        sector: u64,
+        writer: &mut Cursor,
+        len: u64,
+    ) -> (u8, u32) {
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            return (S_IOERR, 0);
+        }
+        let Some(offset) = self.disk_range(sector, len) else {
+            log::debug!(
+                "virtio-blk {}: read of {len} bytes at sector {sector} is outside the disk",
+                self.id
+            );
+            return (S_IOERR, 0);
+        };
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(IO_CHUNK as u64) as usize;
+            self.grow_buffer(n);
+            let result = lock(&self.disk).read_at(&mut self.buf[..n], offset + done);
+            if let Err(e) = result {
+                self.disk_error("read", &e);
+                return (S_IOERR, u32::try_from(done).unwrap_or(u32::MAX));
+            }
+            if !writer.write(mem, &self.buf[..n]) {
+                return (S_IOERR, u32::try_from(done).unwrap_or(u32::MAX));
+            }
+            done += n as u64;
+        }
+        self.counters.read_ops.fetch_add(1, Ordering::Relaxed);
+        self.counters.read_bytes.fetch_add(len, Ordering::Relaxed);
+        // A chain carries less than 4 GiB, so len fits.
+        (S_OK, u32::try_from(len).unwrap_or(u32::MAX))
+    }
+
+    fn write(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        sector: u64,
+        reader: &mut Cursor,
+        len: u64,
+    ) -> (u8, u32) {
+        if self.readonly {
+            log::debug!("virtio-blk {}: write to a read-only disk", self.id);
+            return (S_IOERR, 0);
+        }
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            return (S_IOERR, 0);
+        }
+        let Some(offset) = self.disk_range(sector, len) else {
+            log::debug!(
+                "virtio-blk {}: write of {len} bytes at sector {sector} is outside the disk",
+                self.id
+            );
+            return (S_IOERR, 0);
+        };
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(IO_CHUNK as u64) as usize;
+            self.grow_buffer(n);
+            if !reader.read(mem, &mut self.buf[..n]) {
+                return (S_IOERR, 0);
+            }
+            let result = lock(&self.disk).write_at(&self.buf[..n], offset + done);
+            if let Err(e) = result {
+                self.disk_error("write", &e);
+                return (S_IOERR, 0);
+            }
+            done += n as u64;
+        }
+        if !self.sync_if_writethrough() {
+            return (S_IOERR, 0);
+        }
+        self.counters.write_ops.fetch_add(1, Ordering::Relaxed);
+        self.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
+        (S_OK, 0)
+    }
+
+    fn flush(&mut self) -> (u8, u32) {
+        let result = lock(&self.disk).flush();
+        if let Err(e) = result {
+            self.disk_error("flush", &e);
+            return (S_IOERR, 0);
+        }
+        self.counters.flush_ops.fetch_add(1, Ordering::Relaxed);
+        (S_OK, 0)
+    }
+
+    fn get_id(&mut self, mem: &GuestMemoryMmap, writer: &mut Cursor, len: u64) -> (u8, u32) {
+        let n = (ID_BYTES as u64).min(len) as usize;
+        if !writer.write(mem, &self.serial[..n]) {
+            return (S_IOERR, 0);
+        }
+        (S_OK, n as u32)
+    }
+
+    fn discard_or_zero(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        reader: &mut Cursor,
+        len: u64,
+        zeroes: bool,
+    ) -> (u8, u32) {
+        let what = if zeroes { "write-zeroes" } else { "discard" };
+        if !(if zeroes {
+            self.write_zeroes
+        } else {
+            self.discard
+        }) {
+            return (S_UNSUPP, 0);
+        }
+        if self.readonly {
+            return (S_IOERR, 0);
+        }
+        let max = u64::from(MAX_DISCARD_SEGMENTS) * SEGMENT_SIZE as u64;
+        if len == 0 || !len.is_multiple_of(SEGMENT_SIZE as u64) || len > max {
+            log::debug!(
+                "virtio-blk {}: {what} with {len} bytes of segments",
+                self.id
+            );
+            return (S_IOERR, 0);
+        }
+        let count = (len / SEGMENT_SIZE as u64) as usize;
+        let mut raw = [0u8; MAX_DISCARD_SEGMENTS as usize * SEGMENT_SIZE];
+        if !reader.read(mem, &mut raw[..count * SEGMENT_SIZE]) {
+            return (S_IOERR, 0);
+        }
+        // Check every segment before touching the disk.
+        let mut ranges = [(0u64, 0u64, false); MAX_DISCARD_SEGMENTS as usize];
+        for (i, seg) in raw[..count * SEGMENT_SIZE]
+            .chunks_exact(SEGMENT_SIZE)
+            .enumerate()
+        {
+            let mut sector = [0u8; 8];
+            sector.copy_from_slice(&seg[0..8]);
+            let sector = u64::from_le_bytes(sector);
+            let num_sectors = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+            let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+            let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+            let unknown = if zeroes {
+                flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            } else {
+                // Discard defines no flags, not even unmap.
+                flags
+            };
+            if unknown != 0 {
+                return (S_UNSUPP, 0);
+            }
+            // num_sectors is within MAX_DISCARD_SECTORS (u32::MAX) by type.
+            let bytes = u64::from(num_sectors) * SECTOR_SIZE;
+            let Some(offset) = self.disk_range(sector, bytes) else {
+                log::debug!(
+                    "virtio-blk {}: {what} of {num_sectors} sectors at {sector} is outside the disk",
+                    self.id
+                );
+                return (S_IOERR, 0);
+            };
+            ranges[i] = (offset, bytes, unmap);
+        }
+        for &(offset, bytes, unmap) in &ranges[..count] {
+            let mut done = 0;
+            while done < bytes {
+                let n = (bytes - done).min(ZERO_CHUNK);
+                let result = {
+                    let mut disk = lock(&self.disk);
+                    if zeroes {
+                        disk.write_zeroes(offset + done, n, unmap)
+                    } else {
+                        disk.discard(offset + done, n)
+                    }
+                };
+                match result {
+                    Ok(()) => {}
+                    Err(BlockError::Unsupported { .. }) => return (S_UNSUPP, 0),
+                    Err(e) => {
+                        self.disk_error(what, &e);
+                        return (S_IOERR, 0);
+                    }
+                }
+                done += n;
+            }
+        }
+        if !self.sync_if_writethrough() {
+            return (S_IOERR, 0);
+        }
+        let counter = if zeroes {
+            &self.counters.write_zeroes_ops
+        } else {
+            &self.counters.discard_ops
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        (S_OK, 0)
+    }
+}
+
+/// Splits a chain into its readable and writable buffers, in order; returns
+/// true if the chain is malformed (a readable buffer after a writable one,
+/// or too many descriptors). The walk itself is bounded by virtio-queue (a
+/// chain ends after queue-size descriptors, or the indirect table's size).
+fn collect(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    rsegs: &mut Vec<Seg>,
+    wsegs: &mut Vec<Seg>,
+) -> bool {
+    rsegs.clear();
+    wsegs.clear();
+    let mut malformed = false;
+    for (n, desc) in chain.enumerate() {
+        let seg = Seg {
+            addr: desc.addr().0,
+            len: desc.len(),
+        };
+        let over = n >= MAX_DESCRIPTORS_PER_REQUEST;
+        malformed |= over;
+        if desc.is_write_only() {
+            match wsegs.last_mut() {
+                // Past the limit only the last writable buffer is kept, to
+                // find the status byte.
+                Some(last) if over => *last = seg,
+                _ => wsegs.push(seg),
+            }
+        } else {
+            malformed |= !wsegs.is_empty();
+            if !over {
+                rsegs.push(seg);
+            }
+        }
+    }
+    malformed
+}
+
+/// Removes the last byte of the writable buffers and returns its address.
+fn take_status_byte(wsegs: &mut Vec<Seg>) -> Option<GuestAddress> {
+    while let Some(last) = wsegs.last_mut() {
+        if last.len == 0 {
+            wsegs.pop();
+            continue;
+        }
+        last.len -= 1;
+        return last.addr.checked_add(u64::from(last.len)).map(GuestAddress);
+    }
+    None
+}
+
+fn in_memory(mem: &GuestMemoryMmap, segs: &[Seg]) -> bool {
+    segs.iter()
+        .all(|s| GuestMemoryBackend::check_range(mem, GuestAddress(s.addr), s.len as usize))
+}
+
+/// Recovers from a driver whose available index ran more than a ring ahead:
+/// no chain can be popped then, yet the queue would look non-empty forever
+/// (and the worker would keep serving it).
+fn skip_corrupt_avail(queue: &mut Queue, mem: &GuestMemoryMmap, id: &str) {
+    if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
+        if (avail - Wrapping(queue.next_avail())).0 > queue.size() {
+            log::warn!("virtio-blk {id}: driver's available index is corrupt; skipping it");
+            queue.set_next_avail(avail.0);
+        }
+    }
+}
+
+impl QueueHandler for BlockHandler {
+    fn process(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = self.process_chain(chain, mem);
+            if let Some(c) = self.counters.queue_requests.get(self.queue) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            match queue.add_used(mem, head, len) {
+                Ok(()) => used = true,
+                Err(e) => log::debug!("virtio-blk {}: cannot return chain {head}: {e}", self.id),
+            }
+        }
+        skip_corrupt_avail(queue, mem, &self.id);
+        used
+    }
+}
+
+/// Serves every available chain of `queue` against `disk`, as a queue worker
+/// of a device built with these arguments would, with the driver features
+/// `features`; returns whether chains were used. For fuzzers.
+#[doc(hidden)]
+pub fn process_queue_for_fuzzing(
+    disk: Box<dyn DiskImage>,
+    readonly: bool,
+    features: u64,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> bool {
+    match Block::new("fuzz".to_string(), disk, readonly, 1, 256, String::new()) {
+        Ok(block) => block.handler(features, 0).process(0, queue, mem),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;
