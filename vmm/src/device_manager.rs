@@ -155,7 +155,7 @@ impl DeviceManager {
         let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
         insert(&mmio, ged.clone(), GED_MMIO_START, GED_MMIO_LEN, "GED")?;
 
-        let pci = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
+        let pci = Arc::new(Mutex::new(PciRoot::new(&mmio)));
         insert(
             &pio,
             Arc::new(Mutex::new(PciConfigIo(pci.clone()))),

@@ -3,7 +3,7 @@
 //! and the memory-mapped ECAM window. When a guest (re)programs a BAR with
 //! memory decoding on, the root moves the device on the MMIO bus.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use devices::bus::lock;
 use devices::{Bus, BusDevice, BusError};
@@ -21,6 +21,8 @@ const CONFIG_ENABLE: u32 = 1 << 31;
 pub enum PciRootError {
     #[error("no free PCI slot on bus 0")]
     NoSlot,
+    #[error("the MMIO bus is gone")]
+    NoBus,
     #[error("cannot map BAR {index} of PCI device {slot:02x}.0 at {addr:#x}: {source}")]
     MapBar {
         slot: usize,
@@ -62,13 +64,15 @@ impl BusDevice for HostBridge {
 
 pub struct PciRoot {
     slots: Vec<Option<Slot>>,
-    mmio: Arc<Bus>,
+    /// Weak: the MMIO bus holds the root (its ECAM window), and a strong
+    /// reference back would keep the whole VM's devices alive forever.
+    mmio: Weak<Bus>,
     /// The 0xCF8 address register.
     config_address: u32,
 }
 
 impl PciRoot {
-    pub fn new(mmio: Arc<Bus>) -> Self {
+    pub fn new(mmio: &Arc<Bus>) -> Self {
         let bridge = Arc::new(Mutex::new(HostBridge(PciConfiguration::new(PciIdentity {
             vendor: 0x8086,
             device: 0x0d57,
@@ -87,7 +91,7 @@ impl PciRoot {
         });
         PciRoot {
             slots,
-            mmio,
+            mmio: Arc::downgrade(mmio),
             config_address: 0,
         }
     }
@@ -103,9 +107,9 @@ impl PciRoot {
             .position(Option::is_none)
             .ok_or(PciRootError::NoSlot)?;
         let (_, bars) = lock(&device).bars();
+        let mmio = self.mmio.upgrade().ok_or(PciRootError::NoBus)?;
         for bar in &bars {
-            self.mmio
-                .insert(device.clone(), bar.addr, bar.size)
+            mmio.insert(device.clone(), bar.addr, bar.size)
                 .map_err(|source| PciRootError::MapBar {
                     slot,
                     index: bar.index,
@@ -147,9 +151,9 @@ impl PciRoot {
             dev.config_write(reg, offset, data);
             dev.bars()
         };
-        if !enabled {
+        let Some(mmio) = self.mmio.upgrade().filter(|_| enabled) else {
             return;
-        }
+        };
         // Move any BAR the guest reprogrammed while decoding is on.
         for (mapped, new) in s.mapped.iter_mut().zip(bars) {
             if *mapped == new {
@@ -158,8 +162,8 @@ impl PciRoot {
             if new.addr == 0 || new.addr.checked_add(new.size).is_none() {
                 continue;
             }
-            let _ = self.mmio.remove(mapped.addr);
-            match self.mmio.insert(s.bars.clone(), new.addr, new.size) {
+            let _ = mmio.remove(mapped.addr);
+            match mmio.insert(s.bars.clone(), new.addr, new.size) {
                 Ok(()) => {
                     log::info!(
                         "PCI {slot:02x}.0: BAR {} moved {:#x} -> {:#x}",
@@ -177,7 +181,7 @@ impl PciRoot {
                         new.addr
                     );
                     // Keep it where it was.
-                    let _ = self.mmio.insert(s.bars.clone(), mapped.addr, mapped.size);
+                    let _ = mmio.insert(s.bars.clone(), mapped.addr, mapped.size);
                 }
             }
         }

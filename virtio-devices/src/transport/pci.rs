@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -528,17 +527,12 @@ impl PciDevice for VirtioPciDevice {
 }
 
 impl Drop for VirtioPciDevice {
+    /// Stops the device's threads. The ioeventfds stay registered: they go
+    /// with the VM, and unregistering each one would make tearing a VM down
+    /// wait for a KVM grace period per queue.
     fn drop(&mut self) {
         if self.active {
             self.device.reset();
         }
-        for (q, evt) in self.notify.iter().enumerate() {
-            let _ = self.ioevents.unregister(evt, notify_addr(self.bar.addr, q));
-        }
-        log::debug!(
-            "{}: removed (eventfds {:?})",
-            self.id,
-            self.notify.first().map(|e| e.as_raw_fd())
-        );
     }
 }
