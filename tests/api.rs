@@ -16,33 +16,6 @@ use serde_json::{json, Value};
 /// Generous: CI machines may be loaded.
 const T: Duration = Duration::from_secs(30);
 
-/// `Kite::start_api` waits for the socket file, which appears at bind(),
-/// a moment before listen(): until then a connect is refused. Wait until
-/// the server accepts connections.
-fn start_api() -> Kite {
-    let kite = Kite::start_api(&[]);
-    wait_listening(&kite.socket);
-    kite
-}
-
-#[track_caller]
-fn wait_listening(socket: &Path) {
-    let start = Instant::now();
-    loop {
-        match std::os::unix::net::UnixStream::connect(socket) {
-            Ok(_) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                assert!(
-                    start.elapsed() < T,
-                    "{} refuses connections for {T:?}",
-                    socket.display()
-                );
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => panic!("connect to {}: {e}", socket.display()),
-        }
-    }
-}
 
 /// Every endpoint kite serves, with its method.
 const VM_ACTIONS: &[&str] = &[
@@ -167,31 +140,6 @@ fn last_count(path: &Path) -> Option<u64> {
         .find_map(|n| n.trim().parse().ok())
 }
 
-/// Like `common::raw_http`, but tolerates the server closing while we still
-/// write (it answers 413 before reading a too-large body), and can keep the
-/// write side open.
-fn raw_exchange(socket: &Path, bytes: &[u8], shutdown_write: bool) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    s.set_write_timeout(Some(T)).unwrap();
-    let _ = s.write_all(bytes);
-    if shutdown_write {
-        let _ = s.shutdown(std::net::Shutdown::Write);
-    }
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    let text = String::from_utf8_lossy(&resp).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
 
 fn counter_config(serial: &Path) -> String {
     vm_config(&test_guest("counter"), None, "console=ttyS0", 1, 64, serial)
@@ -199,7 +147,7 @@ fn counter_config(serial: &Path) -> String {
 
 #[test]
 fn ping_reports_versions_pid_and_features() {
-    let kite = start_api();
+    let kite = Kite::start_api(&[]);
     let (code, body) = kite.api("GET", "vmm.ping", None);
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("vmm.ping body is JSON");
@@ -224,7 +172,7 @@ fn ping_reports_versions_pid_and_features() {
 
 #[test]
 fn vm_endpoints_before_create() {
-    let kite = start_api();
+    let kite = Kite::start_api(&[]);
     for endpoint in VM_ACTIONS {
         assert_error(
             kite.api("PUT", endpoint, None),
@@ -249,7 +197,7 @@ fn vm_endpoints_before_create() {
 
 #[test]
 fn vm_lifecycle() {
-    let mut kite = start_api();
+    let mut kite = Kite::start_api(&[]);
     let serial = kite.dir.path("serial.log");
     let config = counter_config(&serial);
 
@@ -433,7 +381,7 @@ fn vm_lifecycle() {
 
 #[test]
 fn delete_while_paused_and_reboot_while_paused() {
-    let kite = start_api();
+    let kite = Kite::start_api(&[]);
     let serial = kite.dir.path("serial.log");
     // Two vCPUs: the second waits for a SIPI that never comes, inside
     // KVM_RUN, and must still pause, stop and be torn down.
@@ -468,7 +416,7 @@ fn boot_after_the_kernel_file_went_away() {
     // The kernel is read again on every boot; if it is gone by then, vm.boot
     // (and vm.reboot) fail with a client error naming it, the VM stays
     // Shutdown, and it boots once the file is back.
-    let kite = start_api();
+    let kite = Kite::start_api(&[]);
     let serial = kite.dir.path("serial.log");
     let kernel = kite.dir.path("kernel.elf");
     fs::copy(test_guest("counter"), &kernel).unwrap();
@@ -510,7 +458,7 @@ fn boot_after_the_kernel_file_went_away() {
 
 #[test]
 fn bad_vm_configs_are_refused() {
-    let kite = start_api();
+    let kite = Kite::start_api(&[]);
     let serial = kite.dir.path("serial.log");
     let not_a_kernel = kite.dir.path("not-a-kernel.txt");
     fs::write(&not_a_kernel, "this is a text file, not a kernel\n").unwrap();
@@ -698,7 +646,7 @@ fn bad_vm_configs_are_refused() {
 
 #[test]
 fn http_level_errors() {
-    let kite = start_api();
+    let kite = Kite::start_api(&[]);
     let sock = &kite.socket;
 
     // Unknown endpoints: 404 naming the path.
@@ -820,7 +768,7 @@ fn http_level_errors() {
 
 #[test]
 fn pipelined_and_expect_continue_requests() {
-    let kite = start_api();
+    let kite = Kite::start_api(&[]);
     let sock = &kite.socket;
 
     // Two requests in one write: two answers, in order.
@@ -863,7 +811,7 @@ fn pipelined_and_expect_continue_requests() {
 
 #[test]
 fn concurrent_clients_during_state_changes() {
-    let kite = start_api();
+    let kite = Kite::start_api(&[]);
     let serial = kite.dir.path("serial.log");
     kite.put_ok("vm.create", Some(&counter_config(&serial)));
     kite.put_ok("vm.boot", None);

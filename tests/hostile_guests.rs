@@ -15,33 +15,6 @@ use common::*;
 /// Generous: CI machines may be loaded.
 const T: Duration = Duration::from_secs(30);
 
-/// `Kite::start_api` waits for the socket file, which appears at bind(),
-/// a moment before listen(): until then a connect is refused. Wait until
-/// the server accepts connections.
-fn start_api() -> Kite {
-    let kite = Kite::start_api(&[]);
-    wait_listening(&kite.socket);
-    kite
-}
-
-#[track_caller]
-fn wait_listening(socket: &Path) {
-    let start = Instant::now();
-    loop {
-        match std::os::unix::net::UnixStream::connect(socket) {
-            Ok(_) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                assert!(
-                    start.elapsed() < T,
-                    "{} refuses connections for {T:?}",
-                    socket.display()
-                );
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => panic!("connect to {}: {e}", socket.display()),
-        }
-    }
-}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
@@ -145,7 +118,7 @@ fn internal_error_via_cli() {
 }
 
 fn api_failure(guest: &str) {
-    let kite = start_api();
+    let kite = Kite::start_api(&[]);
     let serial = kite.dir.path("serial.log");
     let config = vm_config(&test_guest(guest), None, "", 1, 64, &serial);
     kite.put_ok("vm.create", Some(&config));
@@ -224,7 +197,7 @@ fn unhandled_io_is_survived() {
 
 #[test]
 fn serial_flood_keeps_the_api_responsive() {
-    let mut kite = start_api();
+    let mut kite = Kite::start_api(&[]);
     let serial = kite.dir.path("serial.log");
     let config = vm_config(&test_guest("serial_flood"), None, "", 1, 64, &serial);
     kite.put_ok("vm.create", Some(&config));
@@ -315,7 +288,7 @@ fn serial_flood_keeps_the_api_responsive() {
 
 #[test]
 fn serial_flood_delete_and_vmm_shutdown_mid_flood() {
-    let mut kite = start_api();
+    let mut kite = Kite::start_api(&[]);
     let serial = kite.dir.path("serial.log");
     let config = vm_config(&test_guest("serial_flood"), None, "", 1, 64, &serial);
     kite.put_ok("vm.create", Some(&config));
@@ -343,7 +316,7 @@ fn serial_flood_delete_and_vmm_shutdown_mid_flood() {
 
 #[test]
 fn reset_guest_is_restarted() {
-    let kite = start_api();
+    let kite = Kite::start_api(&[]);
     let serial = kite.dir.path("serial.log");
     let config = vm_config(&test_guest("reset"), None, "", 1, 64, &serial);
     kite.put_ok("vm.create", Some(&config));
@@ -370,7 +343,7 @@ fn reset_guest_is_restarted() {
 fn reset_guest_can_be_paused() {
     // A guest resetting in a loop, paused: it must stay paused (no reset
     // may restart it behind the client's back) until resumed.
-    let kite = start_api();
+    let kite = Kite::start_api(&[]);
     let serial = kite.dir.path("serial.log");
     let config = vm_config(&test_guest("reset"), None, "", 1, 64, &serial);
     kite.put_ok("vm.create", Some(&config));

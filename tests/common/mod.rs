@@ -168,10 +168,20 @@ pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16
 
 /// Sends raw bytes, reads until the server closes; parses status and body.
 pub fn raw_http(socket: &Path, bytes: &[u8]) -> (u16, String) {
+    raw_exchange(socket, bytes, true)
+}
+
+/// Like `raw_http`, but tolerates the server closing while we still write
+/// (it answers 413 before reading a too-large body), and can keep the write
+/// side open.
+pub fn raw_exchange(socket: &Path, bytes: &[u8], shutdown_write: bool) -> (u16, String) {
     let mut s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(bytes).unwrap();
-    let _ = s.shutdown(std::net::Shutdown::Write);
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = s.write_all(bytes);
+    if shutdown_write {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     let text = String::from_utf8_lossy(&resp).to_string();
