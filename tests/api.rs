@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 /// Generous: CI machines may be loaded.
 const T: Duration = Duration::from_secs(30);
 
-
 /// Every endpoint kite serves, with its method.
 const VM_ACTIONS: &[&str] = &[
     "vm.boot",
@@ -139,7 +138,6 @@ fn last_count(path: &Path) -> Option<u64> {
         .filter_map(|l| l.strip_prefix("COUNT "))
         .find_map(|n| n.trim().parse().ok())
 }
-
 
 fn counter_config(serial: &Path) -> String {
     vm_config(&test_guest("counter"), None, "console=ttyS0", 1, 64, serial)

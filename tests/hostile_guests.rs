@@ -15,7 +15,6 @@ use common::*;
 /// Generous: CI machines may be loaded.
 const T: Duration = Duration::from_secs(30);
 
-
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
