@@ -148,12 +148,9 @@ impl VcpuThreads {
         self.control.set(Want::Run);
     }
 
-    /// Ends every vCPU thread and waits for them.
-    pub fn stop(self) {
-        drop(self);
-    }
 }
 
+/// Dropping the threads ends every vCPU thread and waits for them.
 impl Drop for VcpuThreads {
     fn drop(&mut self) {
         self.control.set(Want::Stop);

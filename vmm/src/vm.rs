@@ -182,13 +182,6 @@ impl Vm {
         }
     }
 
-    /// Stops the vCPU threads for good; the VM can then only be dropped.
-    pub fn stop(&mut self) {
-        if let Threads::Running(t) = std::mem::replace(&mut self.threads, Threads::Stopped) {
-            t.stop();
-        }
-    }
-
     /// Stops the vCPUs and frees guest memory now; the KVM VM itself, which
     /// takes KVM 10-30 ms to tear down, is closed in the background.
     pub fn dispose(self) {
