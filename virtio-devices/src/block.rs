@@ -791,7 +791,12 @@ fn collect(
     rsegs.clear();
     wsegs.clear();
     let mut malformed = false;
+    // The chain iterator stops quietly after as many descriptors as the
+    // queue holds (a loop), at a NEXT outside the table or at a bad indirect
+    // table: a last descriptor that still says NEXT means the chain was cut.
+    let mut cut = false;
     for (n, desc) in chain.enumerate() {
+        cut = desc.has_next();
         let seg = Seg {
             addr: desc.addr().0,
             len: desc.len(),
@@ -812,7 +817,7 @@ fn collect(
             }
         }
     }
-    malformed
+    malformed || cut
 }
 
 /// Removes the last byte of the writable buffers and returns its address.
