@@ -844,7 +844,7 @@ fn in_memory(mem: &GuestMemoryMmap, segs: &[Seg]) -> bool {
 fn skip_corrupt_avail(queue: &mut Queue, mem: &GuestMemoryMmap, id: &str) {
     if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
         if (avail - Wrapping(queue.next_avail())).0 > queue.size() {
-            log::warn!("virtio-blk {id}: driver's available index is corrupt; skipping it");
+            log::debug!("virtio-blk {id}: driver's available index is corrupt; skipping it");
             queue.set_next_avail(avail.0);
         }
     }

@@ -333,7 +333,7 @@ fn return_chain(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -
 fn rearm(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
     if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
         if (avail - Wrapping(queue.next_avail())).0 > queue.size() {
-            log::warn!("virtio-console: driver's available index is corrupt; skipping it");
+            log::debug!("virtio-console: driver's available index is corrupt; skipping it");
             queue.set_next_avail(avail.0);
             return false;
         }

@@ -223,7 +223,7 @@ impl QueueHandler for RngHandler {
 fn skip_corrupt_avail(queue: &mut Queue, mem: &GuestMemoryMmap) {
     if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
         if (avail - Wrapping(queue.next_avail())).0 > queue.size() {
-            log::warn!("virtio-rng: driver's available index is corrupt; skipping it");
+            log::debug!("virtio-rng: driver's available index is corrupt; skipping it");
             queue.set_next_avail(avail.0);
         }
     }
