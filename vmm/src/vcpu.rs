@@ -147,7 +147,6 @@ impl VcpuThreads {
     pub fn resume(&self) {
         self.control.set(Want::Run);
     }
-
 }
 
 /// Dropping the threads ends every vCPU thread and waits for them.
