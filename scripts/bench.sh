@@ -37,3 +37,4 @@ python3 scripts/boot_time.py --runs "$runs" --marker READY \
 echo "## whole process: Linux (vmlinux, 1 vCPU, 512 MiB, '$KITE_GUEST_CMDLINE') to KITE-GUEST-UP and to exit"
 python3 scripts/boot_time.py --runs "$runs" --marker KITE-GUEST-UP \
   --args "--kernel $KITE_GUEST_KERNEL --initramfs $KITE_GUEST_INITRAMFS --cmdline '$KITE_GUEST_CMDLINE' --cpus boot=1 --memory size=512M --serial tty --console off" "$@"
+echo "## block devices: fio and busybox dd in the guest vs the host (scripts/bench-block.sh)"; scripts/bench-block.sh
