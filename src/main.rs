@@ -7,9 +7,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use api::cli::{parse_console, parse_cpus, parse_disk, parse_memory, parse_rng, parse_serial};
+use api::cli::{
+    parse_console, parse_cpus, parse_disk, parse_memory, parse_net, parse_rng, parse_serial,
+};
 use api::config::{
-    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig, VmConfig,
+    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig,
+    VmConfig,
 };
 use clap::Parser;
 use vmm::{Vmm, VmmExit};
@@ -45,6 +48,9 @@ struct Cli {
     /// virtio-blk disk (repeatable): path=FILE[,readonly=on|off][,direct=on|off][,num_queues=N][,queue_size=N][,id=ID][,serial=SERIAL][,image_type=raw|qcow2].
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
+    /// virtio-net device over a TAP (repeatable): [tap=NAME][,ip=IPV4][,mask=NETMASK][,mac=MAC][,host_mac=MAC][,mtu=N][,num_queues=N][,queue_size=N][,id=ID][,fd=FD|fd=[FD,...]][,offload_tso=on|off][,offload_ufo=on|off][,offload_csum=on|off]. Without tap or fd, kite creates a TAP.
+    #[arg(long, value_parser = parse_net)]
+    net: Vec<NetConfig>,
     /// virtio-rng entropy source: src=PATH[,id=ID] (default src=/dev/urandom).
     #[arg(long, value_parser = parse_rng)]
     rng: Option<RngConfig>,
@@ -74,6 +80,7 @@ impl Cli {
                 || self.cpus.is_some()
                 || self.memory.is_some()
                 || !self.disk.is_empty()
+                || !self.net.is_empty()
                 || self.rng.is_some();
             return if vm_options {
                 Err("--kernel is required to boot a VM".into())
@@ -90,6 +97,7 @@ impl Cli {
                 cmdline: self.cmdline.clone(),
             },
             disks: self.disk.clone(),
+            net: self.net.clone(),
             rng: self.rng.clone().unwrap_or_default(),
             serial: self.serial.clone(),
             console: self.console.clone(),

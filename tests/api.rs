@@ -535,9 +535,9 @@ fn bad_vm_configs_are_refused() {
             vec!["pmem".into()],
         ),
         (
-            "net (not built yet)",
-            Some(with(&|v| v["net"] = json!([{"tap": "tap0"}]))),
-            vec!["net".into()],
+            "net with a TAP name over 15 bytes",
+            Some(with(&|v| v["net"] = json!([{"tap": "kite-tap-name-too-long"}]))),
+            vec!["tap".into()],
         ),
         (
             "kernel that does not exist",

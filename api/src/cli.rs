@@ -1,14 +1,15 @@
 //! Parsers for Cloud Hypervisor's command-line option syntax, so `kite` takes
-//! the same `--cpus`, `--memory`, `--disk`, `--rng`, `--serial` and
+//! the same `--cpus`, `--memory`, `--disk`, `--net`, `--rng`, `--serial` and
 //! `--console` values as `cloud-hypervisor`. They fit clap's `value_parser`: each returns the config
 //! struct or a message naming the bad part (clap prefixes the flag name).
 //! Only syntax is checked here; [`crate::VmConfig::validate`] checks ranges.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use crate::config::{
-    ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, ImageType, MemoryConfig, RngConfig,
-    DEFAULT_MEMORY_SIZE,
+    ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, ImageType, MacAddr, MemoryConfig,
+    NetConfig, RngConfig, DEFAULT_MEMORY_SIZE,
 };
 
 /// `--cpus boot=N[,max=M]`. `boot` defaults to 1 and `max` to `boot`, as in
@@ -156,6 +157,150 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig, String> {
     Ok(disk)
 }
 
+/// Cloud Hypervisor's `--net` keys that kite does not implement, with what
+/// they ask for.
+const NET_UNSUPPORTED: &[(&str, &str)] = &[
+    ("iommu", "the virtual IOMMU"),
+    ("vhost_user", "vhost-user"),
+    ("socket", "vhost-user"),
+    ("vhost_mode", "vhost-user"),
+    ("bw_size", "I/O rate limiting"),
+    ("bw_one_time_burst", "I/O rate limiting"),
+    ("bw_refill_time", "I/O rate limiting"),
+    ("ops_size", "I/O rate limiting"),
+    ("ops_one_time_burst", "I/O rate limiting"),
+    ("ops_refill_time", "I/O rate limiting"),
+    ("pci_segment", "choosing the PCI segment"),
+    ("pci_device_id", "choosing the PCI slot"),
+];
+
+/// `--net [tap=NAME][,ip=IPV4][,mask=NETMASK][,mac=MAC][,host_mac=MAC]
+/// [,mtu=N][,num_queues=N][,queue_size=N][,id=ID][,fd=FD|fd=[FD,FD...]]
+/// [,offload_tso=on|off][,offload_ufo=on|off][,offload_csum=on|off]`, as
+/// Cloud Hypervisor's. Every key is optional (`--net ""` is not accepted;
+/// use e.g. `--net id=net0`): without `tap` or `fd` kite creates a TAP.
+/// `fd` takes one inherited TAP descriptor per queue pair; without
+/// `num_queues`, the count of descriptors sets it. MACs are written
+/// `12:34:56:78:9a:bc`. Booleans take on/off or true/false. Ranges and
+/// combinations are checked by [`crate::VmConfig::validate`].
+pub fn parse_net(value: &str) -> Result<NetConfig, String> {
+    const KEYS: &[&str] = &[
+        "tap",
+        "ip",
+        "mask",
+        "mac",
+        "host_mac",
+        "mtu",
+        "num_queues",
+        "queue_size",
+        "id",
+        "fd",
+        "offload_tso",
+        "offload_ufo",
+        "offload_csum",
+    ];
+    let parts = split_bracketed(value)?;
+    if let Some((key, feature)) = parts.iter().find_map(|part| {
+        let key = part.split_once('=').map_or(*part, |(k, _)| k);
+        NET_UNSUPPORTED.iter().find(|(k, _)| *k == key)
+    }) {
+        return Err(format!("`{key}`: {feature} is not supported by kite yet"));
+    }
+    let mut net = NetConfig::default();
+    let mut num_queues = None;
+    for (key, val) in options_of(&parts, KEYS)? {
+        match key {
+            "tap" if val.is_empty() => return Err("`tap=`: the TAP name is empty".into()),
+            "tap" => net.tap = Some(val.to_string()),
+            "ip" => net.ip = ipv4(key, val)?,
+            "mask" => net.mask = ipv4(key, val)?,
+            "mac" => net.mac = Some(mac(key, val)?),
+            "host_mac" => net.host_mac = Some(mac(key, val)?),
+            "mtu" => net.mtu = Some(number(key, val, "an MTU")?),
+            "num_queues" => num_queues = Some(number(key, val, "a queue count")?),
+            "queue_size" => net.queue_size = number(key, val, "a queue size")?,
+            "id" => net.id = Some(val.to_string()),
+            "fd" => net.fds = Some(fd_list(val)?),
+            "offload_tso" => net.offload_tso = toggle(key, val)?,
+            "offload_ufo" => net.offload_ufo = toggle(key, val)?,
+            "offload_csum" => net.offload_csum = toggle(key, val)?,
+            _ => unreachable!("options_of() returns only KEYS"),
+        }
+    }
+    net.num_queues = match (num_queues, &net.fds) {
+        (Some(n), _) => n,
+        // One descriptor per pair; a count that does not fit is refused
+        // by validate as a mismatch.
+        (None, Some(fds)) => u16::try_from(fds.len() * 2).unwrap_or(u16::MAX),
+        (None, None) => net.num_queues,
+    };
+    Ok(net)
+}
+
+/// An IPv4 address for `--net` (IPv6 parses, to be refused by name).
+fn ipv4(key: &str, val: &str) -> Result<Ipv4Addr, String> {
+    match val.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => Ok(ip),
+        Ok(IpAddr::V6(_)) => Err(format!(
+            "`{key}={val}`: IPv6 host addresses are not supported by kite yet"
+        )),
+        Err(_) => Err(format!("`{key}={val}`: expected an IPv4 address")),
+    }
+}
+
+fn mac(key: &str, val: &str) -> Result<MacAddr, String> {
+    val.parse().map_err(|e| format!("`{key}={val}`: {e}"))
+}
+
+/// `N` or `[N,N,...]`: file descriptor numbers.
+fn fd_list(val: &str) -> Result<Vec<i32>, String> {
+    let inner = match val.strip_prefix('[') {
+        Some(rest) => rest
+            .strip_suffix(']')
+            .ok_or_else(|| format!("`fd={val}`: missing `]`"))?,
+        None => val,
+    };
+    inner
+        .split(',')
+        .map(|fd| {
+            fd.trim()
+                .parse::<i32>()
+                .ok()
+                .filter(|fd| *fd >= 0)
+                .ok_or_else(|| {
+                    format!("`fd={val}`: expected a file descriptor number or a list [N,N,...]")
+                })
+        })
+        .collect()
+}
+
+/// Splits `k=v,k=[a,b],...` at the commas outside brackets.
+fn split_bracketed(value: &str) -> Result<Vec<&str>, String> {
+    let mut parts = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0;
+    for (i, c) in value.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or_else(|| format!("`{value}`: `]` without `[`"))?
+            }
+            ',' if depth == 0 => {
+                parts.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err(format!("`{value}`: `[` without `]`"));
+    }
+    parts.push(&value[start..]);
+    Ok(parts)
+}
+
 /// `--rng src=PATH[,id=ID]`; `src` defaults to /dev/urandom.
 pub fn parse_rng(value: &str) -> Result<RngConfig, String> {
     let mut rng = RngConfig::default();
@@ -225,12 +370,21 @@ fn parse_console_mode(value: &str) -> Result<ConsoleConfig, String> {
 /// Splits `k=v,k=v`, refusing keys outside `keys`, repeated keys and parts
 /// without `=`.
 fn options<'a>(value: &'a str, keys: &[&'static str]) -> Result<Vec<(&'a str, &'a str)>, String> {
+    let parts: Vec<&str> = value.split(',').collect();
+    options_of(&parts, keys)
+}
+
+/// [`options`] on a value already split into `k=v` parts.
+fn options_of<'a>(
+    parts: &[&'a str],
+    keys: &[&'static str],
+) -> Result<Vec<(&'a str, &'a str)>, String> {
     let expected = keys.join(", ");
-    if value.is_empty() {
+    if matches!(parts, [""]) {
         return Err(format!("empty value (expected {expected})"));
     }
     let mut seen: Vec<(&str, &str)> = Vec::with_capacity(keys.len());
-    for part in value.split(',') {
+    for &part in parts {
         let (key, val) = part
             .split_once('=')
             .ok_or_else(|| format!("`{part}` is not key=value (expected {expected})"))?;
@@ -406,5 +560,74 @@ mod tests {
         assert!(parse_rng("/dev/random")
             .unwrap_err()
             .contains("not key=value"));
+    }
+
+    #[test]
+    fn net() {
+        assert_eq!(
+            parse_net("id=net0").unwrap(),
+            NetConfig {
+                id: Some("net0".into()),
+                ..NetConfig::default()
+            }
+        );
+        assert_eq!(
+            parse_net(
+                "tap=tap0,mac=12:34:56:78:9a:bc,host_mac=02:00:00:00:00:01,ip=10.1.2.1,mask=255.255.255.252,mtu=9000,num_queues=4,queue_size=512,id=lan,offload_tso=off,offload_ufo=false,offload_csum=ON"
+            ),
+            Ok(NetConfig {
+                tap: Some("tap0".into()),
+                ip: "10.1.2.1".parse().unwrap(),
+                mask: "255.255.255.252".parse().unwrap(),
+                mac: Some(MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc])),
+                host_mac: Some(MacAddr([2, 0, 0, 0, 0, 1])),
+                mtu: Some(9000),
+                num_queues: 4,
+                queue_size: 512,
+                id: Some("lan".into()),
+                fds: None,
+                offload_tso: false,
+                offload_ufo: false,
+                offload_csum: true,
+            })
+        );
+        // One descriptor, or a list; the list sets num_queues unless given.
+        let net = parse_net("fd=3").unwrap();
+        assert_eq!((net.fds, net.num_queues), (Some(vec![3]), 2));
+        let net = parse_net("fd=[3,4,5],mac=52:54:00:00:00:01").unwrap();
+        assert_eq!((net.fds, net.num_queues), (Some(vec![3, 4, 5]), 6));
+        assert_eq!(parse_net("num_queues=2,fd=[3,4]").unwrap().num_queues, 2);
+        // Range checks are validate's.
+        assert_eq!(parse_net("num_queues=3").unwrap().num_queues, 3);
+        assert_eq!(
+            parse_net("tap=kite%d").unwrap().tap.as_deref(),
+            Some("kite%d")
+        );
+
+        let error = |s| parse_net(s).unwrap_err();
+        assert!(error("mac=12:34").contains("`mac=12:34`: `12:34` is not a MAC address"));
+        assert!(error("host_mac=x").contains("`host_mac=x`"));
+        assert!(error("ip=300.1.1.1").contains("`ip=300.1.1.1`: expected an IPv4 address"));
+        assert!(error("ip=::1").contains("IPv6 host addresses are not supported"));
+        assert!(error("mask=x").contains("`mask=x`"));
+        assert!(error("mtu=big").contains("`mtu=big`: expected an MTU"));
+        assert!(error("num_queues=-2").contains("`num_queues=-2`"));
+        assert!(error("queue_size=70000").contains("`queue_size=70000`"));
+        assert!(error("offload_tso=maybe").contains("expected on, off, true or false"));
+        assert!(error("fd=x").contains("`fd=x`: expected a file descriptor number"));
+        assert!(error("fd=[3,x]").contains("`fd=[3,x]`"));
+        assert!(error("fd=-1").contains("`fd=-1`"));
+        assert!(error("fd=[3,4").contains("`[` without `]`"));
+        assert!(error("fd=3]").contains("`]` without `[`"));
+        assert!(error("tap=").contains("the TAP name is empty"));
+        assert!(error("vhost_user=on,socket=/s")
+            .contains("`vhost_user`: vhost-user is not supported by kite yet"));
+        assert!(error("tap=t,iommu=on").contains("`iommu`: the virtual IOMMU"));
+        assert!(error("bw_size=10").contains("I/O rate limiting"));
+        assert!(error("pci_segment=1").contains("choosing the PCI segment"));
+        assert!(error("tap=a,tap=b").contains("more than once"));
+        assert!(error("foo=1").contains("unknown key `foo`"));
+        assert!(error("tap0").contains("`tap0` is not key=value"));
+        assert!(error("").contains("empty"));
     }
 }

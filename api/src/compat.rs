@@ -12,15 +12,18 @@
 //! for each.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::{
-    check_num_queues, check_queue_size, ConfigError, ConsoleConfig, ConsoleMode, CpusConfig,
-    DiskConfig, ImageType, MemoryConfig, PayloadConfig, RngConfig, VmConfig,
-    DEFAULT_DISK_NUM_QUEUES, DEFAULT_DISK_QUEUE_SIZE, DEFAULT_RNG_SOURCE,
+    check_net_mtu, check_net_num_queues, check_net_queue_size, check_num_queues, check_queue_size,
+    ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, ImageType, MacAddr,
+    MemoryConfig, NetConfig, PayloadConfig, RngConfig, VmConfig, DEFAULT_DISK_NUM_QUEUES,
+    DEFAULT_DISK_QUEUE_SIZE, DEFAULT_NET_IP, DEFAULT_NET_MASK, DEFAULT_NET_NUM_QUEUES,
+    DEFAULT_NET_QUEUE_SIZE, DEFAULT_RNG_SOURCE,
 };
 
 /// Fields of a CH struct that kite does not model.
@@ -35,6 +38,7 @@ pub(crate) struct VmConfigWire {
     memory: Option<MemoryWire>,
     payload: PayloadWire,
     disks: Option<Vec<DiskWire>>,
+    net: Option<Vec<NetWire>>,
     rng: Option<RngWire>,
     serial: Option<ConsoleWire>,
     console: Option<ConsoleWire>,
@@ -99,6 +103,27 @@ enum ImageTypeWire {
     Unknown,
 }
 
+/// `NetConfig`. `null` for a field kite models means its default. Addresses
+/// arrive as strings so that a bad one gets a message naming the field.
+#[derive(Deserialize)]
+#[serde(rename = "NetConfig")]
+struct NetWire {
+    tap: Option<String>,
+    ip: Option<String>,
+    mask: Option<String>,
+    mac: Option<String>,
+    host_mac: Option<String>,
+    mtu: Option<u64>,
+    num_queues: Option<u64>,
+    queue_size: Option<u64>,
+    id: Option<String>,
+    offload_tso: Option<bool>,
+    offload_ufo: Option<bool>,
+    offload_csum: Option<bool>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
 /// `RngConfig`. CH requires `src`; kite defaults it to /dev/urandom.
 #[derive(Deserialize)]
 #[serde(rename = "RngConfig")]
@@ -136,6 +161,13 @@ impl VmConfigWire {
                 .into_iter()
                 .enumerate()
                 .map(|(index, disk)| disk.into_config(index))
+                .collect::<Result<_, _>>()?,
+            net: self
+                .net
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(index, net)| net.into_config(index))
                 .collect::<Result<_, _>>()?,
             rng: self
                 .rng
@@ -214,6 +246,52 @@ impl DiskWire {
             id: self.id,
             serial: self.serial,
             image_type,
+        })
+    }
+}
+
+impl NetWire {
+    fn into_config(self, index: usize) -> Result<NetConfig, ConfigError> {
+        let section = format!("net[{index}]");
+        check(&section, &self.rest, NET)?;
+        let bad = |field: &str, reason: String| ConfigError::Net {
+            field: format!("{section}.{field}"),
+            reason,
+        };
+        let ipv4 = |field: &str, value: Option<String>, default: Ipv4Addr| match value {
+            None => Ok(default),
+            Some(text) => match text.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => Ok(ip),
+                Ok(IpAddr::V6(_)) => Err(ConfigError::Unsupported {
+                    field: format!("{section}.{field}"),
+                    feature: "an IPv6 host address",
+                }),
+                Err(_) => Err(bad(field, format!("`{text}` is not an IPv4 address"))),
+            },
+        };
+        let mac = |field: &str, value: Option<String>| {
+            value
+                .map(|text| text.parse::<MacAddr>().map_err(|reason| bad(field, reason)))
+                .transpose()
+        };
+        Ok(NetConfig {
+            tap: self.tap,
+            ip: ipv4("ip", self.ip, DEFAULT_NET_IP)?,
+            mask: ipv4("mask", self.mask, DEFAULT_NET_MASK)?,
+            mac: mac("mac", self.mac)?,
+            host_mac: mac("host_mac", self.host_mac)?,
+            mtu: self.mtu.map(|n| check_net_mtu(index, n)).transpose()?,
+            num_queues: self.num_queues.map_or(Ok(DEFAULT_NET_NUM_QUEUES), |n| {
+                check_net_num_queues(index, n)
+            })?,
+            queue_size: self.queue_size.map_or(Ok(DEFAULT_NET_QUEUE_SIZE), |n| {
+                check_net_queue_size(index, n)
+            })?,
+            id: self.id,
+            fds: None,
+            offload_tso: self.offload_tso.unwrap_or(true),
+            offload_ufo: self.offload_ufo.unwrap_or(true),
+            offload_csum: self.offload_csum.unwrap_or(true),
         })
     }
 }
@@ -327,11 +405,10 @@ const fn field(name: &'static str, unset: Unset, feature: &'static str) -> Field
 
 use Unset::*;
 
-/// `VmConfig`'s fields besides cpus, memory, payload, disks, rng, serial and
-/// console.
+/// `VmConfig`'s fields besides cpus, memory, payload, disks, net, rng,
+/// serial and console.
 const VM_CONFIG: &[Field] = &[
     field("rate_limit_groups", Empty, "I/O rate limiting"),
-    field("net", Empty, "virtio-net"),
     field("balloon", Null, "virtio-balloon"),
     field("fs", Empty, "virtio-fs"),
     field("generic_vhost_user", Empty, "generic vhost-user"),
@@ -381,6 +458,26 @@ const DISK: &[Field] = &[
     // kite uses neither io_uring nor AIO, so both values mean the same.
     field("disable_io_uring", AnyBool, ""),
     field("disable_aio", AnyBool, ""),
+];
+
+/// `NetConfig`'s fields besides tap, ip, mask, mac, host_mac, mtu,
+/// num_queues, queue_size, id and the offload_* switches.
+const NET: &[Field] = &[
+    field("iommu", Bool(false), "the virtual IOMMU"),
+    field("vhost_user", Bool(false), "vhost-user"),
+    field("vhost_socket", Null, "vhost-user"),
+    // Means nothing without vhost_user; CH's vm.info output has "Client".
+    field("vhost_mode", OneOf(&["Client", "Server"]), ""),
+    field("rate_limiter_config", Null, "I/O rate limiting"),
+    field("pci_segment", Int(0), "choosing the PCI segment"),
+    field("pci_device_id", Null, "choosing the PCI slot"),
+    // Not in CH's OpenAPI document, but in its NetConfig (and vm.info):
+    // descriptors can only be inherited, so they come from the command line.
+    field(
+        "fds",
+        Empty,
+        "passing TAP file descriptors in a JSON config (use --net fd=N on the command line)",
+    ),
 ];
 
 /// `RngConfig`'s fields besides src and id.

@@ -7,7 +7,10 @@
 //! produces the Cloud Hypervisor shape of the fields kite has (for `vm.info`).
 
 use std::collections::BTreeSet;
+use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -52,6 +55,38 @@ pub const MAX_DISK_SERIAL_LEN: usize = 20;
 
 /// Cloud Hypervisor's (and kite's) entropy source for the virtio-rng device.
 pub const DEFAULT_RNG_SOURCE: &str = "/dev/urandom";
+
+/// Host address Cloud Hypervisor's schema gives a TAP device it creates.
+pub const DEFAULT_NET_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 249, 1);
+
+/// Netmask of [`DEFAULT_NET_IP`] (Cloud Hypervisor's default).
+pub const DEFAULT_NET_MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+
+/// Default queues of a network device: one receive/transmit pair (Cloud
+/// Hypervisor's default).
+pub const DEFAULT_NET_NUM_QUEUES: u16 = 2;
+
+/// Most queues of a network device (8 pairs). Each pair gets a worker thread,
+/// a TAP queue and two MSI-X vectors.
+pub const MAX_NET_NUM_QUEUES: u16 = 16;
+
+/// Default size of each network queue (Cloud Hypervisor's default).
+pub const DEFAULT_NET_QUEUE_SIZE: u16 = 256;
+
+/// Smallest network queue.
+pub const MIN_NET_QUEUE_SIZE: u16 = 4;
+
+/// Largest network queue; see [`MAX_DISK_QUEUE_SIZE`].
+pub const MAX_NET_QUEUE_SIZE: u16 = 1024;
+
+/// Smallest MTU (Cloud Hypervisor's `MIN_MTU`: IPv6's minimum link MTU).
+pub const MIN_NET_MTU: u16 = 1280;
+
+/// Largest MTU: a TAP's (65535 less its Ethernet header).
+pub const MAX_NET_MTU: u16 = 65521;
+
+/// Longest network interface name: IFNAMSIZ (16) less the NUL.
+pub const MAX_TAP_NAME_LEN: usize = 15;
 
 /// Device ids starting with this are kite's own names (`__rng`, ...), as in
 /// Cloud Hypervisor, so a user-chosen id can never collide with one.
@@ -104,6 +139,10 @@ pub enum ConfigError {
     DiskQueueSize { index: usize, value: u64 },
     #[error("disks[{index}].serial is {len} bytes; the virtio-blk serial holds at most {MAX_DISK_SERIAL_LEN}")]
     DiskSerialTooLong { index: usize, len: usize },
+    /// `field` is the dotted path of the bad value, `reason` says what is
+    /// wrong with it.
+    #[error("{field}: {reason}")]
+    Net { field: String, reason: String },
     #[error("rng.src must not be empty")]
     EmptyRngSource,
     /// `field` is the dotted path of the `id`.
@@ -125,6 +164,10 @@ pub struct VmConfig {
     /// virtio-blk disks, in PCI slot order. Omitted from `vm.info` when empty.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices over TAP, in PCI slot order. Omitted from `vm.info`
+    /// when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
     /// The virtio-rng device. Like Cloud Hypervisor, every VM has one.
     pub rng: RngConfig,
     pub serial: ConsoleConfig,
@@ -140,6 +183,7 @@ impl Default for VmConfig {
             memory: MemoryConfig::default(),
             payload: PayloadConfig::default(),
             disks: Vec::new(),
+            net: Vec::new(),
             rng: RngConfig::default(),
             serial: ConsoleConfig::serial_default(),
             console: ConsoleConfig::console_default(),
@@ -210,6 +254,32 @@ impl VmConfig {
         for (index, disk) in self.disks.iter().enumerate() {
             disk.validate(index)?;
             check_id(&mut ids, &disk.id, || format!("disks[{index}].id"))?;
+        }
+        for (index, net) in self.net.iter().enumerate() {
+            net.validate(index, boot_vcpus)?;
+            check_id(&mut ids, &net.id, || format!("net[{index}].id"))?;
+            // Two devices on one TAP would steal each other's frames (a
+            // name with `%d` is a template: each device gets its own).
+            let earlier = &self.net[..index];
+            if let Some(tap) = net.tap.as_ref().filter(|t| !t.contains('%')) {
+                if let Some(other) = earlier.iter().position(|n| n.tap.as_ref() == Some(tap)) {
+                    return Err(ConfigError::Net {
+                        field: format!("net[{index}].tap"),
+                        reason: format!("`{tap}` is already the TAP of net[{other}]"),
+                    });
+                }
+            }
+            for fd in net.fds.iter().flatten() {
+                if let Some(other) = earlier
+                    .iter()
+                    .position(|n| n.fds.iter().flatten().any(|f| f == fd))
+                {
+                    return Err(ConfigError::Net {
+                        field: format!("net[{index}].fds"),
+                        reason: format!("file descriptor {fd} is already used by net[{other}]"),
+                    });
+                }
+            }
         }
         if self.rng.src.as_os_str().is_empty() {
             return Err(ConfigError::EmptyRngSource);
@@ -380,6 +450,305 @@ pub(crate) fn check_queue_size(index: usize, value: u64) -> Result<u16, ConfigEr
 pub enum ImageType {
     Raw,
     Qcow2,
+}
+
+/// `NetConfig`: a virtio-net device whose host side is a TAP interface.
+///
+/// The backend is one of: the already open TAP file descriptors `fds` (one
+/// per queue pair, from the command line's `fd=`; used as they are), the TAP
+/// named `tap` if that interface exists (attached to as it is: its addresses
+/// are left alone), or a TAP the VMM creates, named `tap` or, without one,
+/// named by the kernel (`kite0`, `kite1`...), whose host side gets
+/// `ip`/`mask`. On a TAP opened by name (existing or created) `host_mac` and
+/// `mtu`, when given, are set and the interface is brought up; on inherited
+/// descriptors only `mtu` is set. These are Cloud Hypervisor's semantics
+/// (but for the defaults of `ip` and `mask`, which it dropped in v49: kite
+/// keeps its documented schema's defaults).
+///
+/// Of Cloud Hypervisor's other `NetConfig` fields kite accepts only their
+/// defaults (see [`crate::compat`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NetConfig {
+    /// The TAP interface's name, at most [`MAX_TAP_NAME_LEN`] bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// Host-side IPv4 address of a TAP the VMM creates.
+    pub ip: Ipv4Addr,
+    /// Netmask of `ip`.
+    pub mask: Ipv4Addr,
+    /// The guest's MAC address. When absent the VMM picks a random locally
+    /// administered one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    /// The TAP interface's own (host-side) MAC address; the kernel's random
+    /// one when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_mac: Option<MacAddr>,
+    /// MTU given to the guest (VIRTIO_NET_F_MTU) and set on the TAP; the
+    /// kernel's default (1500) when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// Receive plus transmit queues: twice the number of queue pairs, even,
+    /// from 2 to [`MAX_NET_NUM_QUEUES`].
+    pub num_queues: u16,
+    /// Entries per queue: a power of two from [`MIN_NET_QUEUE_SIZE`] to
+    /// [`MAX_NET_QUEUE_SIZE`].
+    pub queue_size: u16,
+    /// The device id in `vm.info` and `vm.counters`; the VMM names the device
+    /// when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Open TAP file descriptors, one per queue pair, inherited by the VMM
+    /// process (command line only: a JSON config cannot carry them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fds: Option<Vec<i32>>,
+    /// Offer TCP segmentation offload (both directions). Needs `offload_csum`.
+    pub offload_tso: bool,
+    /// Offer UDP fragmentation offload (both directions). Needs `offload_csum`.
+    pub offload_ufo: bool,
+    /// Offer checksum offload (both directions).
+    pub offload_csum: bool,
+}
+
+impl Default for NetConfig {
+    /// Cloud Hypervisor's defaults: a TAP the VMM creates, 192.168.249.1/24
+    /// on the host side, one queue pair of 256 entries, all offloads.
+    fn default() -> Self {
+        NetConfig {
+            tap: None,
+            ip: DEFAULT_NET_IP,
+            mask: DEFAULT_NET_MASK,
+            mac: None,
+            host_mac: None,
+            mtu: None,
+            num_queues: DEFAULT_NET_NUM_QUEUES,
+            queue_size: DEFAULT_NET_QUEUE_SIZE,
+            id: None,
+            fds: None,
+            offload_tso: true,
+            offload_ufo: true,
+            offload_csum: true,
+        }
+    }
+}
+
+impl NetConfig {
+    /// Queue pairs (each a receive and a transmit queue).
+    pub fn queue_pairs(&self) -> u16 {
+        self.num_queues / 2
+    }
+
+    /// Checks the values of `net[index]`, all but its id. `boot_vcpus`
+    /// bounds the queue pairs, as in Cloud Hypervisor.
+    fn validate(&self, index: usize, boot_vcpus: u8) -> Result<(), ConfigError> {
+        let bad = |field: &str, reason: String| ConfigError::Net {
+            field: format!("net[{index}].{field}"),
+            reason,
+        };
+        let n = self.num_queues;
+        check_net_num_queues(index, n.into())?;
+        check_net_queue_size(index, self.queue_size.into())?;
+        if self.queue_pairs() > u16::from(boot_vcpus) {
+            return Err(bad(
+                "num_queues",
+                format!(
+                    "{n} queues are {} queue pairs, more than the {boot_vcpus} boot vCPU(s)",
+                    self.queue_pairs()
+                ),
+            ));
+        }
+        if let Some(tap) = &self.tap {
+            check_tap_name(tap).map_err(|reason| bad("tap", reason))?;
+        }
+        check_netmask(self.mask).map_err(|reason| bad("mask", reason))?;
+        if let Some(mtu) = self.mtu {
+            check_net_mtu(index, mtu.into())?;
+        }
+        for (field, mac) in [("mac", self.mac), ("host_mac", self.host_mac)] {
+            if let Some(mac) = mac {
+                mac.check_unicast().map_err(|reason| bad(field, reason))?;
+            }
+        }
+        if !self.offload_csum && (self.offload_tso || self.offload_ufo) {
+            return Err(bad(
+                "offload_csum",
+                "offload_tso and offload_ufo need checksum offload; turn them off too or leave offload_csum on".into(),
+            ));
+        }
+        if let Some(fds) = &self.fds {
+            if self.tap.is_some() {
+                return Err(bad(
+                    "fds",
+                    "give either a TAP name or TAP file descriptors, not both".into(),
+                ));
+            }
+            if self.host_mac.is_some() {
+                return Err(bad(
+                    "host_mac",
+                    "applies only to a TAP kite opens by name (set it on the TAP behind the file descriptors instead)".into(),
+                ));
+            }
+            if fds.len() != usize::from(self.queue_pairs()) {
+                return Err(bad(
+                    "fds",
+                    format!(
+                        "{} file descriptor(s) given, but num_queues {n} needs one per queue pair ({})",
+                        fds.len(),
+                        self.queue_pairs()
+                    ),
+                ));
+            }
+            if let Some(fd) = fds.iter().find(|&&fd| fd <= 2) {
+                return Err(bad(
+                    "fds",
+                    format!("{fd} is not a TAP file descriptor (0, 1 and 2 are stdin, stdout and stderr)"),
+                ));
+            }
+            for (i, fd) in fds.iter().enumerate() {
+                if fds[..i].contains(fd) {
+                    return Err(bad("fds", format!("{fd} is given more than once")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Range check of `net[index].num_queues`, also used on the wire value.
+pub(crate) fn check_net_num_queues(index: usize, value: u64) -> Result<u16, ConfigError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|n| n % 2 == 0 && (2..=MAX_NET_NUM_QUEUES).contains(n))
+        .ok_or_else(|| ConfigError::Net {
+            field: format!("net[{index}].num_queues"),
+            reason: format!(
+                "{value} must be even (a receive and a transmit queue per pair), from 2 to {MAX_NET_NUM_QUEUES}"
+            ),
+        })
+}
+
+/// Range check of `net[index].queue_size`, also used on the wire value.
+pub(crate) fn check_net_queue_size(index: usize, value: u64) -> Result<u16, ConfigError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|n| n.is_power_of_two() && (MIN_NET_QUEUE_SIZE..=MAX_NET_QUEUE_SIZE).contains(n))
+        .ok_or_else(|| ConfigError::Net {
+            field: format!("net[{index}].queue_size"),
+            reason: format!(
+                "{value} must be a power of two from {MIN_NET_QUEUE_SIZE} to {MAX_NET_QUEUE_SIZE}"
+            ),
+        })
+}
+
+/// Range check of `net[index].mtu`, also used on the wire value.
+pub(crate) fn check_net_mtu(index: usize, value: u64) -> Result<u16, ConfigError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|n| (MIN_NET_MTU..=MAX_NET_MTU).contains(n))
+        .ok_or_else(|| ConfigError::Net {
+            field: format!("net[{index}].mtu"),
+            reason: format!("{value} must be from {MIN_NET_MTU} to {MAX_NET_MTU}"),
+        })
+}
+
+/// An interface name the kernel accepts (`dev_valid_name`): 1 to 15 bytes,
+/// not `.` or `..`, without `/`, `:` or white space. A `%d` in it asks the
+/// kernel to number the interface.
+pub fn check_tap_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the TAP name is empty (leave it out to let kite create one)".into());
+    }
+    if name.len() > MAX_TAP_NAME_LEN {
+        return Err(format!(
+            "TAP name `{name}` is {} bytes; interface names have at most {MAX_TAP_NAME_LEN}",
+            name.len()
+        ));
+    }
+    if name == "."
+        || name == ".."
+        || name.contains(['/', ':', '\0'])
+        || name.contains(char::is_whitespace)
+    {
+        return Err(format!(
+            "`{name}` is not a valid interface name (no `/`, `:` or white space)"
+        ));
+    }
+    Ok(())
+}
+
+/// A netmask's one bits must be contiguous, from the top.
+fn check_netmask(mask: Ipv4Addr) -> Result<(), String> {
+    let bits = u32::from(mask);
+    if bits.leading_ones() + bits.trailing_zeros() != 32 {
+        return Err(format!(
+            "{mask} is not a netmask (its one bits must be contiguous, e.g. 255.255.255.0)"
+        ));
+    }
+    Ok(())
+}
+
+/// An Ethernet MAC address, written `12:34:56:78:9a:bc` in configs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// Refuses multicast (group) and all-zero addresses, which no interface
+    /// can have.
+    pub fn check_unicast(&self) -> Result<(), String> {
+        if self.0[0] & 1 != 0 {
+            return Err(format!(
+                "{self} is a multicast address (the low bit of the first byte is set)"
+            ));
+        }
+        if self.0 == [0; 6] {
+            return Err(format!("{self} is not a valid interface address"));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    /// Six hexadecimal bytes separated by colons, as Cloud Hypervisor takes
+    /// them (`12:34:56:78:9a:bc`; a byte may be one digit).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!("`{s}` is not a MAC address (expected six hexadecimal bytes, e.g. 12:34:56:78:9a:bc)")
+        };
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut mac {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.is_empty() || part.len() > 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 /// `RngConfig`: the virtio-rng device and where its entropy comes from.
@@ -562,8 +931,8 @@ mod tests {
     fn unsupported_values_name_the_field() {
         let cases = [
             (
-                r#""net": [{"tap": "tap0"}]"#,
-                "net: virtio-net is not supported by kite yet",
+                r#""net": [{"tap": "tap0", "vhost_user": true}]"#,
+                "net[0].vhost_user: vhost-user is not supported by kite yet",
             ),
             (
                 r#""fs": [{"tag": "t", "socket": "/s", "num_queues": 1, "queue_size": 1024}]"#,
@@ -818,8 +1187,8 @@ mod tests {
         let back: VmConfig = serde_json::from_value(json).unwrap();
         assert_eq!(back, config);
         // Plain serde deserialization refuses unsupported fields too.
-        let bad = serde_json::from_str::<VmConfig>(r#"{"payload": {}, "net": [{}]}"#).unwrap_err();
-        assert!(bad.to_string().contains("net: virtio-net"));
+        let bad = serde_json::from_str::<VmConfig>(r#"{"payload": {}, "fs": [{}]}"#).unwrap_err();
+        assert!(bad.to_string().contains("fs: virtio-fs"));
     }
 
     #[test]
@@ -1010,5 +1379,275 @@ mod tests {
         ));
         config.disks[0].num_queues = 1;
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn net_parses_with_ch_defaults_and_round_trips() {
+        let config = parse_vm_config(
+            br#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+                 "net": [{}, {"tap": "tap7", "ip": "10.0.0.1", "mask": "255.255.0.0",
+                           "mac": "12:34:56:78:9A:bc", "host_mac": "2:0:0:0:0:1", "mtu": 9000,
+                           "num_queues": 4, "queue_size": 1024, "id": "lan",
+                           "offload_tso": false, "offload_ufo": false, "offload_csum": true}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.net[0], NetConfig::default());
+        assert_eq!(
+            config.net[1],
+            NetConfig {
+                tap: Some("tap7".into()),
+                ip: Ipv4Addr::new(10, 0, 0, 1),
+                mask: Ipv4Addr::new(255, 255, 0, 0),
+                mac: Some(MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc])),
+                host_mac: Some(MacAddr([2, 0, 0, 0, 0, 1])),
+                mtu: Some(9000),
+                num_queues: 4,
+                queue_size: 1024,
+                id: Some("lan".into()),
+                fds: None,
+                offload_tso: false,
+                offload_ufo: false,
+                offload_csum: true,
+            }
+        );
+        assert_eq!(config.net[1].queue_pairs(), 2);
+        let out = serde_json::to_value(&config).unwrap();
+        assert_eq!(
+            out["net"],
+            serde_json::json!([
+                {"ip": "192.168.249.1", "mask": "255.255.255.0", "num_queues": 2,
+                 "queue_size": 256, "offload_tso": true, "offload_ufo": true,
+                 "offload_csum": true},
+                {"tap": "tap7", "ip": "10.0.0.1", "mask": "255.255.0.0",
+                 "mac": "12:34:56:78:9a:bc", "host_mac": "02:00:00:00:00:01", "mtu": 9000,
+                 "num_queues": 4, "queue_size": 1024, "id": "lan", "offload_tso": false,
+                 "offload_ufo": false, "offload_csum": true}
+            ])
+        );
+        let back = parse_vm_config(out.to_string().as_bytes()).unwrap();
+        assert_eq!(back, config);
+        // No net devices: vm.info has no "net".
+        assert!(serde_json::to_value(minimal())
+            .unwrap()
+            .get("net")
+            .is_none());
+    }
+
+    #[test]
+    fn ch_net_objects_with_defaults_are_accepted() {
+        // What Cloud Hypervisor's vm.info gives for `--net tap=,mac=...`.
+        let config = parse_vm_config(
+            br#"{"payload": {"kernel": "/k"},
+                 "net": [{"tap": null, "ip": null, "mask": null, "mac": "52:54:00:12:34:56",
+                          "host_mac": null, "mtu": null, "iommu": false, "num_queues": 2,
+                          "queue_size": 256, "vhost_user": false, "vhost_socket": null,
+                          "vhost_mode": "Client", "id": "_net1", "fds": null,
+                          "rate_limiter_config": null, "pci_segment": 0,
+                          "offload_tso": true, "offload_ufo": true, "offload_csum": true}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.net,
+            [NetConfig {
+                mac: Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])),
+                id: Some("_net1".into()),
+                ..NetConfig::default()
+            }]
+        );
+    }
+
+    #[test]
+    fn net_errors_name_the_field() {
+        let net = |fields: &str| {
+            err(&format!(
+                r#"{{"payload": {{"kernel": "/k"}}, "cpus": {{"boot_vcpus": 4, "max_vcpus": 4}},
+                    "net": [{{{fields}}}]}}"#
+            ))
+        };
+        let cases = [
+            (
+                net(r#""mac": "12:34:56:78:9a""#),
+                "net[0].mac: `12:34:56:78:9a` is not a MAC address",
+            ),
+            (net(r#""mac": "12:34:56:78:9a:bc:de""#), "net[0].mac:"),
+            (net(r#""mac": "zz:34:56:78:9a:bc""#), "net[0].mac:"),
+            (net(r#""mac": "123:4:56:78:9a:bc""#), "net[0].mac:"),
+            (
+                net(r#""mac": "01:00:5e:00:00:01""#),
+                "net[0].mac: 01:00:5e:00:00:01 is a multicast address",
+            ),
+            (
+                net(r#""host_mac": "00:00:00:00:00:00""#),
+                "net[0].host_mac: 00:00:00:00:00:00 is not a valid",
+            ),
+            (
+                net(r#""ip": "192.168.1""#),
+                "net[0].ip: `192.168.1` is not an IPv4 address",
+            ),
+            (
+                net(r#""ip": "fd00::1""#),
+                "net[0].ip: an IPv6 host address is not supported by kite yet",
+            ),
+            (
+                net(r#""mask": "255.0.255.0""#),
+                "net[0].mask: 255.0.255.0 is not a netmask",
+            ),
+            (net(r#""mask": "nope""#), "net[0].mask: `nope`"),
+            (
+                net(r#""num_queues": 3"#),
+                "net[0].num_queues: 3 must be even (a receive and a transmit queue per pair), from 2 to 16",
+            ),
+            (net(r#""num_queues": 0"#), "net[0].num_queues: 0"),
+            (net(r#""num_queues": 18"#), "net[0].num_queues: 18"),
+            (
+                net(r#""num_queues": 10"#),
+                "net[0].num_queues: 10 queues are 5 queue pairs, more than the 4 boot vCPU(s)",
+            ),
+            (
+                net(r#""queue_size": 100"#),
+                "net[0].queue_size: 100 must be a power of two from 4 to 1024",
+            ),
+            (net(r#""queue_size": 2048"#), "net[0].queue_size: 2048"),
+            (
+                net(r#""mtu": 1000"#),
+                "net[0].mtu: 1000 must be from 1280 to 65521",
+            ),
+            (net(r#""mtu": 70000"#), "net[0].mtu: 70000"),
+            (net(r#""mtu": 65522"#), "net[0].mtu: 65522"),
+            (
+                net(r#""tap": "a-very-long-tap-name""#),
+                "net[0].tap: TAP name `a-very-long-tap-name` is 20 bytes; interface names have at most 15",
+            ),
+            (net(r#""tap": """#), "net[0].tap: the TAP name is empty"),
+            (
+                net(r#""tap": "a/b""#),
+                "net[0].tap: `a/b` is not a valid interface name",
+            ),
+            (
+                net(r#""offload_csum": false"#),
+                "net[0].offload_csum: offload_tso and offload_ufo need checksum offload",
+            ),
+            (
+                net(r#""fds": [3]"#),
+                "net[0].fds: passing TAP file descriptors in a JSON config (use --net fd=N on the command line) is not supported",
+            ),
+            (net(r#""iommu": true"#), "net[0].iommu: the virtual IOMMU"),
+            (
+                net(r#""rate_limiter_config": {"bandwidth": {"size": 1, "refill_time": 1}}"#),
+                "net[0].rate_limiter_config: I/O rate limiting",
+            ),
+            (net(r#""pci_segment": 1"#), "net[0].pci_segment:"),
+            (net(r#""vhost_mode": "Other""#), "net[0].vhost_mode:"),
+            (net(r#""tapp": "x""#), "unknown field `net[0].tapp`"),
+            (net(r#""id": "__net""#), "net[0].id `__net` is reserved"),
+            (
+                err(r#"{"payload": {"kernel": "/k"}, "disks": [{"path": "/d", "id": "x"}],
+                        "net": [{"id": "x"}]}"#),
+                "net[0].id `x` is already the id of another device",
+            ),
+            (
+                err(r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "t0"}, {"tap": "t0"}]}"#),
+                "net[1].tap: `t0` is already the TAP of net[0]",
+            ),
+            (
+                err(r#"{"payload": {"kernel": "/k"}, "net": {"tap": "t0"}}"#),
+                "expected a sequence",
+            ),
+            (net(r#""mtu": "big""#), "invalid type: string \"big\""),
+        ];
+        for (message, expected) in cases {
+            assert!(message.contains(expected), "{expected}: got {message:?}");
+        }
+        // Two devices may both ask for a kernel-numbered name.
+        parse_vm_config(
+            br#"{"payload": {"kernel": "/k"}, "net": [{"tap": "vm%d"}, {"tap": "vm%d"}]}"#,
+        )
+        .unwrap();
+        // The bounds themselves are fine.
+        parse_vm_config(
+            br#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 8, "max_vcpus": 8},
+                 "net": [{"num_queues": 16, "queue_size": 4, "mtu": 1280, "mask": "0.0.0.0"},
+                         {"mtu": 65521, "mask": "255.255.255.255", "offload_csum": false,
+                          "offload_tso": false, "offload_ufo": false}]}"#,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn net_fds_are_checked() {
+        let mut config = minimal();
+        config.cpus = CpusConfig {
+            boot_vcpus: 2,
+            max_vcpus: 2,
+        };
+        let with = |fds: Vec<i32>, num_queues: u16, tap: Option<&str>| NetConfig {
+            fds: Some(fds),
+            num_queues,
+            tap: tap.map(String::from),
+            ..NetConfig::default()
+        };
+        let check = |config: &mut VmConfig, nets: Vec<NetConfig>| {
+            config.net = nets;
+            config.validate().map_err(|e| e.to_string())
+        };
+        check(&mut config, vec![with(vec![3], 2, None)]).unwrap();
+        check(&mut config, vec![with(vec![3, 4], 4, None)]).unwrap();
+        let cases = [
+            (
+                vec![with(vec![3], 4, None)],
+                "net[0].fds: 1 file descriptor(s) given, but num_queues 4 needs one per queue pair (2)",
+            ),
+            (
+                vec![with(vec![1], 2, None)],
+                "net[0].fds: 1 is not a TAP file descriptor",
+            ),
+            (
+                vec![with(vec![5, 5], 4, None)],
+                "net[0].fds: 5 is given more than once",
+            ),
+            (
+                vec![with(vec![3], 2, Some("tap0"))],
+                "net[0].fds: give either a TAP name or TAP file descriptors, not both",
+            ),
+            (
+                vec![NetConfig {
+                    host_mac: Some(MacAddr([2, 0, 0, 0, 0, 1])),
+                    ..with(vec![3], 2, None)
+                }],
+                "net[0].host_mac: applies only to a TAP kite opens by name",
+            ),
+            (
+                vec![with(vec![3], 2, None), with(vec![4, 3], 4, None)],
+                "net[1].fds: file descriptor 3 is already used by net[0]",
+            ),
+        ];
+        for (nets, expected) in cases {
+            let message = check(&mut config, nets).unwrap_err();
+            assert!(message.contains(expected), "{expected}: got {message:?}");
+        }
+        // vm.info shows them, as Cloud Hypervisor's does.
+        config.net = vec![with(vec![3], 2, None)];
+        let out = serde_json::to_value(&config).unwrap();
+        assert_eq!(out["net"][0]["fds"], serde_json::json!([3]));
+    }
+
+    #[test]
+    fn mac_addresses() {
+        let mac: MacAddr = "52:54:0:AB:cd:EF".parse().unwrap();
+        assert_eq!(mac, MacAddr([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        assert_eq!(mac.to_string(), "52:54:00:ab:cd:ef");
+        assert_eq!(format!("{mac:?}"), "52:54:00:ab:cd:ef");
+        mac.check_unicast().unwrap();
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:",
+            "52-54-00-ab-cd-ef",
+            "+2:54:00:ab:cd:ef",
+            "52:54:00:ab:cd:1ef",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+        assert!(MacAddr([3, 0, 0, 0, 0, 0]).check_unicast().is_err());
     }
 }

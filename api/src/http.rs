@@ -1132,8 +1132,8 @@ mod tests {
             (r#"{"payload": {"kernel": 3}}"#, "invalid type: integer `3`"),
             ("{}", "missing field `payload`"),
             (
-                r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "tap0"}]}"#,
-                "net: virtio-net is not supported by kite yet",
+                r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "tap0", "vhost_user": true}]}"#,
+                "net[0].vhost_user: vhost-user is not supported by kite yet",
             ),
             (
                 r#"{"payload": {"kernel": "/k"}, "disks": [{"path": "/d", "queue_size": 100}]}"#,

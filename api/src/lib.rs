@@ -13,5 +13,7 @@ pub use command::{
     pci_bdf, ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, ApiSender, DeviceNode,
     Resource, VmCounters, VmInfo, VmState, VmmPingResponse,
 };
-pub use config::{parse_vm_config, ConfigError, DiskConfig, RngConfig, VmConfig};
+pub use config::{
+    parse_vm_config, ConfigError, DiskConfig, MacAddr, NetConfig, RngConfig, VmConfig,
+};
 pub use http::{serve_http, start_http_server, HttpError};

@@ -6,6 +6,7 @@
 pub mod block;
 pub mod console;
 pub mod device;
+pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod transport;

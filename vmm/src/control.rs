@@ -252,9 +252,14 @@ impl ControlLoop {
         }
     }
 
-    fn create(&mut self, config: VmConfig) -> ApiReply {
+    fn create(&mut self, mut config: VmConfig) -> ApiReply {
         if self.instance.is_some() {
             return Err(ApiError::VmAlreadyCreated);
+        }
+        // A NIC keeps its MAC across reboots, and vm.info shows it.
+        for net in &mut config.net {
+            net.mac
+                .get_or_insert_with(|| api::config::MacAddr(virtio_devices::net::random_mac()));
         }
         config
             .validate()

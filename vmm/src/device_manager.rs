@@ -24,6 +24,7 @@ use virtio_devices::pci::root::{
 use virtio_devices::pci::{PciRoot, PciRootError};
 use virtio_devices::transport::pci::BAR_SIZE;
 use virtio_devices::transport::{IoEventRegistrar, VirtioPciDevice};
+use virtio_devices::net::{random_mac, HostConfig, Net, Offloads, Tap};
 use virtio_devices::VirtioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -225,6 +226,34 @@ impl DeviceManager {
                 serial,
             )
             .map_err(|e| DeviceError::Config(e.to_string()))?;
+            self.add_virtio(id, Box::new(dev))?;
+        }
+        for (n, net) in config.net.iter().enumerate() {
+            let id = net.id.clone().unwrap_or_else(|| format!("__net{n}"));
+            let config_err = |e: &dyn std::fmt::Display| DeviceError::Config(format!("{id}: {e}"));
+            let taps = match &net.fds {
+                Some(fds) => Tap::from_fds(fds, net.mtu),
+                None => Tap::open_or_create(
+                    net.tap.as_deref(),
+                    &HostConfig {
+                        ip: net.ip,
+                        netmask: net.mask,
+                        mac: net.host_mac.map(|m| m.0),
+                        mtu: net.mtu,
+                    },
+                    net.queue_pairs(),
+                ),
+            }
+            .map_err(|e| config_err(&e))?;
+            // vm.create gives every device a MAC; a random one is a fallback.
+            let mac = net.mac.map(|m| m.0).unwrap_or_else(random_mac);
+            let offloads = Offloads {
+                csum: net.offload_csum,
+                tso: net.offload_tso,
+                ufo: net.offload_ufo,
+            };
+            let dev = Net::new(id.clone(), taps, mac, net.mtu, offloads, net.queue_size)
+                .map_err(|e| config_err(&e))?;
             self.add_virtio(id, Box::new(dev))?;
         }
         let rng = virtio_devices::rng::Rng::new(config.rng.src.clone()).map_err(|e| {

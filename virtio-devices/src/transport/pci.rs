@@ -152,6 +152,7 @@ impl VirtioPciDevice {
         let vectors = (max_sizes.len() + 1).min(usize::from(MAX_VECTORS)) as u16;
         let device_type = device.device_type();
         let (class, subclass) = match device_type {
+            1 => (0x02, 0x00), // network controller
             2 => (0x01, 0x80), // mass storage
             3 => (0x07, 0x80), // communication
             _ => (0xff, 0x00),
