@@ -536,7 +536,9 @@ fn bad_vm_configs_are_refused() {
         ),
         (
             "net with a TAP name over 15 bytes",
-            Some(with(&|v| v["net"] = json!([{"tap": "kite-tap-name-too-long"}]))),
+            Some(with(&|v| {
+                v["net"] = json!([{"tap": "kite-tap-name-too-long"}])
+            })),
             vec!["tap".into()],
         ),
         (

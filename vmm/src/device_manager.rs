@@ -18,13 +18,13 @@ use devices::i8042::{I8042, I8042_DATA_PORT};
 use devices::serial::{IrqTrigger, Serial, SerialOutput, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use devices::{Bus, BusDevice, BusError, VmEventSender};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use virtio_devices::net::{random_mac, HostConfig, Net, Offloads, Tap};
 use virtio_devices::pci::root::{
     PciConfigIo, PciConfigMmio, ECAM_BUS0_SIZE, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_PORTS_LEN,
 };
 use virtio_devices::pci::{PciRoot, PciRootError};
 use virtio_devices::transport::pci::BAR_SIZE;
 use virtio_devices::transport::{IoEventRegistrar, VirtioPciDevice};
-use virtio_devices::net::{random_mac, HostConfig, Net, Offloads, Tap};
 use virtio_devices::VirtioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
