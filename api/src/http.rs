@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use serde::Serialize;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::command::{ApiAction, ApiError, ApiResponse, ApiSender};
 use crate::config::parse_vm_config;
@@ -61,8 +60,6 @@ pub enum HttpError {
     RemoveStale { path: PathBuf, error: io::Error },
     #[error("API socket {}: cannot bind: {error}", .path.display())]
     Bind { path: PathBuf, error: io::Error },
-    #[error("HTTP server: cannot create its epoll instance: {0}")]
-    Epoll(io::Error),
     #[error("HTTP server: cannot spawn the kite-http thread: {0}")]
     Spawn(io::Error),
 }
@@ -136,11 +133,7 @@ pub fn start_http_server(path: &Path, sender: ApiSender) -> Result<JoinHandle<()
         let _ = fs::remove_file(&staging);
         return Err(bind_err(e));
     }
-    let cleanup = |e| {
-        let _ = fs::remove_file(path);
-        e
-    };
-    let server = Server::new(listener, sender).map_err(cleanup)?;
+    let server = Server::new(listener, sender);
     let socket = path.to_path_buf();
     let handle = thread::Builder::new()
         .name("kite-http".into())
@@ -153,16 +146,18 @@ pub fn start_http_server(path: &Path, sender: ApiSender) -> Result<JoinHandle<()
                 _ => {}
             }
         })
-        .map_err(|e| cleanup(HttpError::Spawn(e)))?;
+        .map_err(|e| {
+            let _ = fs::remove_file(path);
+            HttpError::Spawn(e)
+        })?;
     info!("API server listening on {}", path.display());
     Ok(handle)
 }
 
 /// Serves `listener` on the calling thread until `vmm.shutdown` succeeds or
 /// the control loop is gone. For embedders that bind the socket themselves.
-pub fn serve_http(listener: UnixListener, sender: ApiSender) -> Result<(), HttpError> {
-    Server::new(listener, sender)?.run();
-    Ok(())
+pub fn serve_http(listener: UnixListener, sender: ApiSender) {
+    Server::new(listener, sender).run();
 }
 
 fn remove_stale_socket(path: &Path) -> Result<(), HttpError> {
@@ -196,17 +191,9 @@ enum Flow {
     Stop,
 }
 
-/// Epoll tokens.
-const LISTENER: u64 = 0;
-const CONNECTION: u64 = 1;
-
 struct Server {
     listener: UnixListener,
     sender: ApiSender,
-    /// Watches the listener and the current connection.
-    both: Epoll,
-    /// Watches the current connection only.
-    conn: Epoll,
     /// Received bytes not yet consumed (may hold a pipelined next request).
     buf: Vec<u8>,
     /// Response body scratch.
@@ -218,25 +205,15 @@ struct Server {
 }
 
 impl Server {
-    fn new(listener: UnixListener, sender: ApiSender) -> Result<Server, HttpError> {
-        let both = Epoll::new().map_err(HttpError::Epoll)?;
-        let conn = Epoll::new().map_err(HttpError::Epoll)?;
-        both.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, LISTENER),
-        )
-        .map_err(HttpError::Epoll)?;
-        Ok(Server {
+    fn new(listener: UnixListener, sender: ApiSender) -> Server {
+        Server {
             listener,
             sender,
-            both,
-            conn,
             buf: Vec::with_capacity(READ_CHUNK),
             body: Vec::with_capacity(READ_CHUNK),
             out: Vec::with_capacity(READ_CHUNK),
             ping: None,
-        })
+        }
     }
 
     fn run(mut self) {
@@ -275,29 +252,15 @@ impl Server {
             warn!("API server: cannot set socket timeouts: {e}");
             return Flow::Continue;
         }
-        let fd = stream.as_raw_fd();
-        let watched = [&self.both, &self.conn].iter().all(|epoll| {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, CONNECTION),
-                )
-                .is_ok()
-        });
-        let flow = self.serve_requests(&mut stream, watched);
-        for epoll in [&self.both, &self.conn] {
-            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-        }
-        flow
+        self.serve_requests(&mut stream)
     }
 
-    fn serve_requests(&mut self, stream: &mut UnixStream, watched: bool) -> Flow {
+    fn serve_requests(&mut self, stream: &mut UnixStream) -> Flow {
         let mut first = true;
         loop {
             // Between requests, give way to a waiting client (not before the
             // first: a new client may not have written yet).
-            if !first && self.buf.is_empty() && watched && !self.next_request_comes() {
+            if !first && self.buf.is_empty() && !self.next_request_comes(stream) {
                 return Flow::Continue;
             }
             first = false;
@@ -335,22 +298,45 @@ impl Server {
 
     /// Waits for the next request on an idle connection; false when it is
     /// better closed (another client is waiting, or it stayed idle too long).
-    fn next_request_comes(&self) -> bool {
-        if wait(&self.conn, GRACE_MS) {
-            return true;
-        }
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            match self.both.wait(IDLE_TIMEOUT_MS, &mut events) {
-                Ok(n) => return events[..n].iter().any(|e| e.data() == CONNECTION),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // Can't tell: let the blocking read (with its timeout) decide.
-                Err(_) => return true,
+    fn next_request_comes(&self, stream: &UnixStream) -> bool {
+        let mut fds = [
+            libc::pollfd {
+                fd: stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // First only this connection, for a grace period; then either.
+        for (watched, timeout_ms) in [(1, GRACE_MS), (2, IDLE_TIMEOUT_MS)] {
+            loop {
+                // SAFETY: `fds` is a valid array of `watched` pollfds that
+                // outlives the call.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), watched, timeout_ms) };
+                if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if n < 0 {
+                    // Can't tell: let the blocking read (with its timeout) decide.
+                    return true;
+                }
+                if fds[0].revents != 0 {
+                    return true;
+                }
+                if n > 0 {
+                    // Another client is waiting.
+                    return false;
+                }
+                break;
             }
         }
+        false
     }
 
-    /// Reads until a request head parses. `Ok(None)`: the client is gone.
     fn read_head(&mut self, stream: &mut UnixStream) -> Result<Option<Head>, Failure> {
         loop {
             if !self.buf.is_empty() {
@@ -495,18 +481,6 @@ fn route_action(endpoint: Endpoint, body: &[u8]) -> Result<ApiAction, String> {
         Endpoint::VmInfo => ApiAction::VmInfo,
         Endpoint::VmCounters => ApiAction::VmCounters,
     })
-}
-
-/// True if the epoll set reports the connection readable within `timeout_ms`.
-fn wait(epoll: &Epoll, timeout_ms: i32) -> bool {
-    let mut events = [EpollEvent::default(); 1];
-    loop {
-        match epoll.wait(timeout_ms, &mut events) {
-            Ok(n) => return n > 0,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return true,
-        }
-    }
 }
 
 /// Reads once (up to `want` bytes, at least a chunk) onto the end of `buf`.
