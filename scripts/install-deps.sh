@@ -1,7 +1,7 @@
 #!/bin/sh
 # Debian packages the build, the tests, the demo and the benchmarks use.
 set -eu
-pkgs="gcc binutils make curl python3 cpio gzip iproute2 qemu-utils"
+pkgs="gcc g++ binutils make curl python3 cpio gzip iproute2 iputils-ping qemu-utils"
 missing=""
 for p in $pkgs; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
