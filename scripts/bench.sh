@@ -38,3 +38,4 @@ echo "## whole process: Linux (vmlinux, 1 vCPU, 512 MiB, '$KITE_GUEST_CMDLINE') 
 python3 scripts/boot_time.py --runs "$runs" --marker KITE-GUEST-UP \
   --args "--kernel $KITE_GUEST_KERNEL --initramfs $KITE_GUEST_INITRAMFS --cmdline '$KITE_GUEST_CMDLINE' --cpus boot=1 --memory size=512M --serial tty --console off" "$@"
 echo "## block devices: fio and busybox dd in the guest vs the host (scripts/bench-block.sh)"; scripts/bench-block.sh
+echo "## network: iperf3 and busybox nc in the guest vs a veth pair (scripts/bench-net.sh)"; scripts/bench-net.sh

@@ -105,6 +105,9 @@ pub const MAX_QUEUE_PAIRS: u16 = 128;
 pub const MIN_MTU: u16 = 68;
 
 /// Ethernet header length: a shorter transmitted frame is malformed.
+/// Smallest queue for which large receive offloads are offered (see
+/// `Net::new`): a 64 KiB frame in buffers of at least 1518 bytes needs 44.
+const MIN_QUEUE_SIZE_FOR_GUEST_GSO: u16 = 128;
 const ETH_HLEN: usize = 14;
 /// struct virtio_net_config up to mtu: mac[6], status, max_virtqueue_pairs,
 /// mtu (each le16).
@@ -273,16 +276,25 @@ impl Net {
         if mtu.is_some() {
             features |= bit(VIRTIO_NET_F_MTU);
         }
+        // Large frames towards the guest (up to 64 KiB from the TAP) take
+        // dozens of mergeable receive buffers. Linux refills its receive ring
+        // only once more than half of it is free, so on a small ring such a
+        // frame could wait for buffers forever: offer them only on rings big
+        // enough to hold one in half the ring.
+        let big_rx = queue_size >= MIN_QUEUE_SIZE_FOR_GUEST_GSO;
         if offloads.csum {
             features |= bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM);
             if offloads.tso {
-                features |= bit(VIRTIO_NET_F_HOST_TSO4)
-                    | bit(VIRTIO_NET_F_HOST_TSO6)
-                    | bit(VIRTIO_NET_F_GUEST_TSO4)
-                    | bit(VIRTIO_NET_F_GUEST_TSO6);
+                features |= bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6);
+                if big_rx {
+                    features |= bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6);
+                }
             }
             if offloads.ufo {
-                features |= bit(VIRTIO_NET_F_HOST_UFO) | bit(VIRTIO_NET_F_GUEST_UFO);
+                features |= bit(VIRTIO_NET_F_HOST_UFO);
+                if big_rx {
+                    features |= bit(VIRTIO_NET_F_GUEST_UFO);
+                }
             }
         }
         if pairs > 1 {
