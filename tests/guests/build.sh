@@ -9,6 +9,8 @@
 #   reset.elf           READY, then i8042 reset (port 0x64 <- 0xfe)
 #   virtio_hostile.elf  ring-3 hostile virtio-blk driver (virtio_hostile.c on the
 #                       common.S entry in virtio_hostile_entry.S), then power off
+#   net_hostile.elf     ring-3 hostile virtio-net driver (net_hostile.c on the
+#                       common.S entry in net_hostile_entry.S), then power off
 # Usage: build.sh OUTDIR   (needs gcc and GNU ld; exits non-zero on failure)
 set -e
 if [ $# -ne 1 ]; then
@@ -34,6 +36,17 @@ done
 # code stays 32-bit, which is what the PVH entry runs anyway).
 # -mgeneral-regs-only: no SSE/x87 (CR4.OSFXSR is off in these guests).
 name=virtio_hostile
+gcc -m32 -c -ffreestanding -nostdlib -fno-pic -fno-pie -O2 -mgeneral-regs-only \
+  -fno-stack-protector -fno-asynchronous-unwind-tables -fno-unwind-tables \
+  -Wall -Wextra "$src/$name.c" -o "$out/$name.o"
+gcc -m32 -c -nostdlib -ffreestanding -I"$src" "$src/${name}_entry.S" -o "$out/${name}_entry.o"
+ld -m elf_i386 -static -nostdlib $ldflags -T "$src/guest.ld" \
+  "$out/${name}_entry.o" "$out/$name.o" -o "$out/$name.elf32"
+objcopy -O elf64-x86-64 "$out/$name.elf32" "$out/$name.elf"
+rm -f "$out/$name.o" "$out/${name}_entry.o" "$out/$name.elf32"
+
+# net_hostile: built exactly like virtio_hostile.
+name=net_hostile
 gcc -m32 -c -ffreestanding -nostdlib -fno-pic -fno-pie -O2 -mgeneral-regs-only \
   -fno-stack-protector -fno-asynchronous-unwind-tables -fno-unwind-tables \
   -Wall -Wextra "$src/$name.c" -o "$out/$name.o"
