@@ -7,11 +7,11 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -33,24 +33,6 @@ fn custom_init(dir: &TempDir, script: &str) -> std::path::PathBuf {
     let path = dir.path("initramfs");
     initramfs_with_init(&linux_guest(), script, &path);
     path
-}
-
-/// The lines of a serial log, without the `\r` of the guest's `\r\n`.
-fn lines(text: &str) -> Vec<&str> {
-    text.lines().map(|l| l.trim_end_matches('\r')).collect()
-}
-
-/// The rest of the first line starting with `prefix`.
-fn field<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
-    lines(text).into_iter().find_map(|l| l.strip_prefix(prefix))
-}
-
-/// How many complete lines (ended by a newline) are exactly `marker`.
-fn count_lines(text: &str, marker: &str) -> usize {
-    // The last line may still be being written (a guest prints its "\r\n"
-    // after the text, possibly a moment later).
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    lines(complete).into_iter().filter(|l| *l == marker).count()
 }
 
 /// Checks the stock test guest's report: it came up once, saw `cpus` vCPUs,
@@ -432,22 +414,6 @@ fn pause_and_resume() {
 
     kite.put_ok("vm.shutdown", None);
     kite.wait_state("Shutdown", TIMEOUT);
-}
-
-/// Reads everything from a pty master into a shared buffer until EIO/EOF.
-fn pty_reader(mut master: fs::File) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let shared = buf.clone();
-    let thread = std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        loop {
-            match master.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => shared.lock().unwrap().extend_from_slice(&chunk[..n]),
-            }
-        }
-    });
-    (buf, thread)
 }
 
 /// Waits until the output after byte `from` satisfies `pred`; returns the

@@ -11,12 +11,12 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -27,9 +27,6 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 const MIB: u64 = 1 << 20;
 
-/// The most script bytes `kite.exec=vda` reads (16 blocks of 4 KiB).
-const SCRIPT_DISK_SIZE: usize = 64 << 10;
-
 /// Ends every script: a last marker, then `stty` (TCSETSW waits until the
 /// console has sent everything) so no line is cut by the power-off.
 const SCRIPT_END: &str = "echo KITE-SCRIPT-END\n$B stty onlcr\n$B poweroff -f\n";
@@ -37,21 +34,6 @@ const SCRIPT_END: &str = "echo KITE-SCRIPT-END\n$B stty onlcr\n$B poweroff -f\n"
 // ---------------------------------------------------------------------------
 // Guest side: scripts and their output
 // ---------------------------------------------------------------------------
-
-/// Writes a script disk holding `script` (after `B=/bin/busybox`) and returns
-/// its path.
-fn script_disk(dir: &TempDir, script: &str) -> PathBuf {
-    let mut data = format!("B=/bin/busybox\n{script}\n").into_bytes();
-    assert!(
-        data.len() < SCRIPT_DISK_SIZE,
-        "guest script too long ({} bytes)",
-        data.len()
-    );
-    data.resize(SCRIPT_DISK_SIZE, 0);
-    let path = dir.path("script.img");
-    fs::write(&path, data).unwrap();
-    path
-}
 
 /// The guest's command line with `kite.exec=vda`.
 fn exec_cmdline() -> String {
@@ -112,28 +94,6 @@ fn run_script(dir: &TempDir, script: &str, disks: &[String], cpus: u32, extra: &
     stdout
 }
 
-/// The lines of a console log, without the `\r` of the guest's `\r\n`.
-fn lines(text: &str) -> Vec<&str> {
-    text.lines().map(|l| l.trim_end_matches('\r')).collect()
-}
-
-/// The rest of the first line starting with `prefix`, if any.
-fn field<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
-    lines(text).into_iter().find_map(|l| l.strip_prefix(prefix))
-}
-
-/// Like [`field`], but the line must be there.
-#[track_caller]
-fn expect_field<'a>(text: &'a str, prefix: &str) -> &'a str {
-    field(text, prefix).unwrap_or_else(|| panic!("no {prefix:?} line in the guest output:\n{text}"))
-}
-
-/// How many complete lines are exactly `marker`.
-fn count_lines(text: &str, marker: &str) -> usize {
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    lines(complete).into_iter().filter(|l| *l == marker).count()
-}
-
 /// Fails if a guest write reported an error (see [`put`] and [`fill`]).
 #[track_caller]
 fn assert_writes_ok(out: &str) {
@@ -191,20 +151,6 @@ fn sha(prefix: &str, dev: &str) -> String {
 // ---------------------------------------------------------------------------
 // Host side: images and their contents
 // ---------------------------------------------------------------------------
-
-/// `len` deterministic pseudo-random bytes (xorshift64) from `seed`.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 /// Copies `bytes` into `image` at `offset`.
 fn patch(image: &mut [u8], offset: u64, bytes: &[u8]) {
@@ -1050,22 +996,6 @@ fn kernel_console_on_hvc0() {
         !serial.contains("KITE-GUEST-UP"),
         "the guest's console went to the serial port:\n{serial}"
     );
-}
-
-/// Reads everything from a pty master into a shared buffer until EIO/EOF.
-fn pty_reader(mut master: fs::File) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let shared = buf.clone();
-    let thread = std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        loop {
-            match master.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => shared.lock().unwrap().extend_from_slice(&chunk[..n]),
-            }
-        }
-    });
-    (buf, thread)
 }
 
 /// Waits until the output after byte `from` contains `needle`; returns the

@@ -40,9 +40,6 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 const MIB: usize = 1 << 20;
 
-/// The most script bytes `kite.exec=vda` reads (16 blocks of 4 KiB).
-const SCRIPT_DISK_SIZE: usize = 64 << 10;
-
 /// Ends every script: a last marker, then `stty` (TCSETSW waits until the
 /// console has sent everything) so no line is cut by the power-off.
 const SCRIPT_END: &str = "echo KITE-SCRIPT-END\n$B stty onlcr\n$B poweroff -f\n";
@@ -201,45 +198,9 @@ fn assert_guest_ping(out: &str, tag: &str, count: u32) {
     );
 }
 
-/// Writes a script disk holding `script` (after `B=/bin/busybox`).
-fn script_disk(dir: &TempDir, script: &str) -> PathBuf {
-    let mut data = format!("B=/bin/busybox\n{script}\n").into_bytes();
-    assert!(
-        data.len() < SCRIPT_DISK_SIZE,
-        "guest script too long ({} bytes)",
-        data.len()
-    );
-    data.resize(SCRIPT_DISK_SIZE, 0);
-    let path = dir.path("script.img");
-    fs::write(&path, data).unwrap();
-    path
-}
-
 /// The guest's command line with `kite.exec=vda`.
 fn exec_cmdline() -> String {
     format!("{} kite.exec=vda", linux_guest().cmdline)
-}
-
-/// The lines of a console log, without the `\r` of the guest's `\r\n`.
-fn lines(text: &str) -> Vec<&str> {
-    text.lines().map(|l| l.trim_end_matches('\r')).collect()
-}
-
-/// The rest of the first line starting with `prefix`, if any.
-fn field<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
-    lines(text).into_iter().find_map(|l| l.strip_prefix(prefix))
-}
-
-/// Like [`field`], but the line must be there.
-#[track_caller]
-fn expect_field<'a>(text: &'a str, prefix: &str) -> &'a str {
-    field(text, prefix).unwrap_or_else(|| panic!("no {prefix:?} line in the guest output:\n{text}"))
-}
-
-/// How many complete lines are exactly `marker`.
-fn count_lines(text: &str, marker: &str) -> usize {
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    lines(complete).into_iter().filter(|l| *l == marker).count()
 }
 
 /// Fails if the guest could not configure eth0.
@@ -586,20 +547,6 @@ fn host_ping(ns: &NetNs, to: Ipv4Addr, count: u16, size: usize) -> u16 {
 // ---------------------------------------------------------------------------
 // Data and checksums
 // ---------------------------------------------------------------------------
-
-/// `len` deterministic pseudo-random bytes (xorshift64) from `seed`.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 /// The host's sha256 (by `sha256sum`) of `data`.
 fn sha256(dir: &TempDir, data: &[u8]) -> String {

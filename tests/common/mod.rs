@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -365,4 +365,78 @@ pub fn vm_config(
         "console": { "mode": "Off" },
     })
     .to_string()
+}
+
+// ---- Guest output and guest-side helpers shared by the Linux tests ----
+
+/// Size of a script disk (`kite.exec=vda` reads up to 64 KiB).
+pub const SCRIPT_DISK_SIZE: usize = 64 << 10;
+
+/// The lines of a serial log, without the `\r` of the guest's `\r\n`.
+pub fn lines(text: &str) -> Vec<&str> {
+    text.lines().map(|l| l.trim_end_matches('\r')).collect()
+}
+
+/// The rest of the first line starting with `prefix`.
+pub fn field<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    lines(text).into_iter().find_map(|l| l.strip_prefix(prefix))
+}
+
+/// Like [`field`], but the line must be there.
+#[track_caller]
+pub fn expect_field<'a>(text: &'a str, prefix: &str) -> &'a str {
+    field(text, prefix).unwrap_or_else(|| panic!("no {prefix:?} line in the guest output:\n{text}"))
+}
+
+/// How many complete lines (ended by a newline) are exactly `marker`.
+pub fn count_lines(text: &str, marker: &str) -> usize {
+    // The last line may still be being written (a guest prints its "\r\n"
+    // after the text, possibly a moment later).
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    lines(complete).into_iter().filter(|l| *l == marker).count()
+}
+
+/// Writes a script disk holding `script` (after `B=/bin/busybox`) and returns
+/// its path.
+pub fn script_disk(dir: &TempDir, script: &str) -> PathBuf {
+    let mut data = format!("B=/bin/busybox\n{script}\n").into_bytes();
+    assert!(
+        data.len() < SCRIPT_DISK_SIZE,
+        "guest script too long ({} bytes)",
+        data.len()
+    );
+    data.resize(SCRIPT_DISK_SIZE, 0);
+    let path = dir.path("script.img");
+    fs::write(&path, data).unwrap();
+    path
+}
+
+/// `len` deterministic pseudo-random bytes (xorshift64) from `seed`.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Reads everything from a pty master into a shared buffer until EIO/EOF.
+pub fn pty_reader(mut master: fs::File) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let shared = buf.clone();
+    let thread = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match master.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => shared.lock().unwrap().extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    (buf, thread)
 }
