@@ -4,8 +4,9 @@
 //!
 //! One thread serves one connection at a time. The API is a control plane with
 //! a client or two, and serving sequentially keeps VM state changes strictly
-//! ordered. So that a client's idle keep-alive connection cannot starve the
-//! others, an idle connection gives way as soon as another client connects.
+//! ordered. So that one client cannot starve the others, an idle keep-alive
+//! connection gives way as soon as another client connects, and a client
+//! that stalls in mid-request while another waits loses its turn (408).
 //!
 //! Per request the server does one read (usually), one channel round trip to
 //! the control loop and one write, reusing its buffers: no thread and no
@@ -16,9 +17,9 @@
 //! the request (two thread wake-ups).
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -47,6 +48,8 @@ const IDLE_TIMEOUT_MS: i32 = 60_000;
 /// How long an idle connection keeps priority over a waiting client, so a
 /// client sending requests back to back is not cut off between them.
 const GRACE_MS: i32 = 20;
+/// How long a client may stall in mid-request while another one waits.
+const STALL_GRACE_MS: i32 = 100;
 const READ_CHUNK: usize = 4096;
 
 /// Why the server could not start. Socket errors name the path.
@@ -344,7 +347,7 @@ impl Server {
                     return Ok(Some(head));
                 }
             }
-            match fill(stream, &mut self.buf, READ_CHUNK) {
+            match fill(stream, self.listener.as_raw_fd(), &mut self.buf, READ_CHUNK) {
                 Ok(0) if self.buf.is_empty() => return Ok(None),
                 Ok(0) => return Err(Failure::bad("the connection closed in mid-request")),
                 Ok(_) => {}
@@ -362,7 +365,7 @@ impl Server {
     fn read_to(&mut self, stream: &mut UnixStream, total: usize) -> bool {
         while self.buf.len() < total {
             let missing = total - self.buf.len();
-            match fill(stream, &mut self.buf, missing) {
+            match fill(stream, self.listener.as_raw_fd(), &mut self.buf, missing) {
                 Ok(0) => {
                     debug!("API server: connection closed in mid-body");
                     return false;
@@ -484,17 +487,91 @@ fn route_action(endpoint: Endpoint, body: &[u8]) -> Result<ApiAction, String> {
 }
 
 /// Reads once (up to `want` bytes, at least a chunk) onto the end of `buf`.
-fn fill(stream: &mut UnixStream, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {
+fn fill(
+    stream: &mut UnixStream,
+    listener: RawFd,
+    buf: &mut Vec<u8>,
+    want: usize,
+) -> io::Result<usize> {
     let old = buf.len();
     buf.resize(old + want.clamp(READ_CHUNK, MAX_BODY), 0);
+    // Usually the data is there: one non-blocking read. Otherwise wait.
+    let mut waited = false;
     let result = loop {
-        match stream.read(&mut buf[old..]) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => break other,
+        let space = &mut buf[old..];
+        // SAFETY: `space` is valid, writable memory of the given length.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                space.as_mut_ptr().cast(),
+                space.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            break Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock if !waited => {
+                if let Err(e) = wait_readable(stream, listener) {
+                    break Err(e);
+                }
+                waited = true;
+            }
+            io::ErrorKind::WouldBlock => waited = false,
+            _ => break Err(e),
         }
     };
     buf.truncate(old + *result.as_ref().unwrap_or(&0));
     result
+}
+
+/// Waits until `stream` has data, at most [`READ_TIMEOUT`]. The server
+/// serves one connection at a time, so a client that stalls for longer than
+/// [`STALL_GRACE_MS`] while another one is waiting on `listener` loses its
+/// turn (a `TimedOut` error, answered with 408) instead of blocking the API.
+fn wait_readable(stream: &UnixStream, listener: RawFd) -> io::Result<()> {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let mut fds = [
+        libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: listener,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // First either fd; once another client waits, this one only gets the
+    // grace period.
+    let mut watched = 2;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut timeout = left.as_millis().min(i32::MAX as u128) as i32;
+        if watched == 1 {
+            timeout = timeout.min(STALL_GRACE_MS);
+        }
+        // SAFETY: `fds` holds `watched` valid pollfds and outlives the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), watched, timeout) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // Can't tell: let the read (with its own timeout) decide.
+            return Ok(());
+        }
+        if fds[0].revents != 0 {
+            return Ok(());
+        }
+        if n == 0 || watched == 1 {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        watched = 1;
+    }
 }
 
 fn read_failure(e: &io::Error) -> Failure {
@@ -502,7 +579,7 @@ fn read_failure(e: &io::Error) -> Failure {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Failure {
             status: 408,
             message: format!(
-                "the request was not complete within {} s",
+                "the request was not complete within {} s, or stalled while other clients waited",
                 READ_TIMEOUT.as_secs()
             ),
         },
@@ -808,6 +885,7 @@ fn write_error(out: &mut Vec<u8>, body: &mut Vec<u8>, head: ResponseHead, messag
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::io::Read;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc;
     use std::sync::Arc;
@@ -1298,6 +1376,22 @@ mod tests {
         assert_alive(&server);
         assert!(started.elapsed() < Duration::from_secs(2));
         assert_closed(&mut idle);
+    }
+
+    #[test]
+    fn stalled_request_gives_way() {
+        let server = start();
+        let mut stalled = connect(&server);
+        stalled
+            .write_all(b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            .unwrap();
+        // The half-sent request must not hold up another client for the
+        // whole read timeout.
+        let started = Instant::now();
+        assert_alive(&server);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let mut pending = Vec::new();
+        assert_eq!(read_reply(&mut stalled, &mut pending).status, 408);
     }
 
     #[test]
