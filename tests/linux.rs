@@ -8,7 +8,6 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -442,25 +441,7 @@ fn wait_output(
 #[test]
 fn interactive_console_on_a_pty() {
     let guest = linux_guest();
-    let (mut master_fd, mut slave_fd) = (-1, -1);
-    // SAFETY: openpty writes two new file descriptors into the given ints.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master_fd,
-            &mut slave_fd,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just opened and are owned only here.
-    let (master, slave) = unsafe {
-        (
-            OwnedFd::from_raw_fd(master_fd),
-            OwnedFd::from_raw_fd(slave_fd),
-        )
-    };
+    let (master, slave) = open_pty();
 
     let cmdline = format!("{} kite.shell=1", guest.cmdline);
     let mut child = Command::new(kite_bin())

@@ -12,7 +12,6 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -1033,25 +1032,7 @@ fn virtio_console_interactive_on_a_pty() {
          $B poweroff -f",
         &initramfs,
     );
-    let (mut master_fd, mut slave_fd) = (-1, -1);
-    // SAFETY: openpty writes two new file descriptors into the given ints.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master_fd,
-            &mut slave_fd,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just opened and are owned only here.
-    let (master, slave) = unsafe {
-        (
-            OwnedFd::from_raw_fd(master_fd),
-            OwnedFd::from_raw_fd(slave_fd),
-        )
-    };
+    let (master, slave) = open_pty();
     let serial_arg = format!("file={}", serial.display());
     let mut child = Command::new(kite_bin())
         .args(["--kernel", guest.vmlinux.to_str().unwrap()])

@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -439,4 +440,27 @@ pub fn pty_reader(mut master: fs::File) -> (Arc<Mutex<Vec<u8>>>, std::thread::Jo
         }
     });
     (buf, thread)
+}
+
+/// A new pseudo-terminal: (master, slave).
+pub fn open_pty() -> (OwnedFd, OwnedFd) {
+    let (mut master_fd, mut slave_fd) = (-1, -1);
+    // SAFETY: openpty writes two new file descriptors into the given ints.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master_fd,
+            &mut slave_fd,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and are owned only here.
+    unsafe {
+        (
+            OwnedFd::from_raw_fd(master_fd),
+            OwnedFd::from_raw_fd(slave_fd),
+        )
+    }
 }
