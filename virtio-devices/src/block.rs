@@ -35,7 +35,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::num::Wrapping;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -53,7 +52,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::device::{ActivateError, ActiveQueue, QueueInterrupt, VirtioDevice};
-use crate::worker::{QueueHandler, Worker};
+use crate::worker::{skip_corrupt_avail, QueueHandler, Worker};
 use crate::GuestMemoryMmap;
 
 /// Bytes in a virtio-blk sector (requests are addressed in these units).
@@ -838,18 +837,6 @@ fn in_memory(mem: &GuestMemoryMmap, segs: &[Seg]) -> bool {
         .all(|s| GuestMemoryBackend::check_range(mem, GuestAddress(s.addr), s.len as usize))
 }
 
-/// Recovers from a driver whose available index ran more than a ring ahead:
-/// no chain can be popped then, yet the queue would look non-empty forever
-/// (and the worker would keep serving it).
-fn skip_corrupt_avail(queue: &mut Queue, mem: &GuestMemoryMmap, id: &str) {
-    if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
-        if (avail - Wrapping(queue.next_avail())).0 > queue.size() {
-            log::debug!("virtio-blk {id}: driver's available index is corrupt; skipping it");
-            queue.set_next_avail(avail.0);
-        }
-    }
-}
-
 impl QueueHandler for BlockHandler {
     fn process(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
@@ -864,7 +851,7 @@ impl QueueHandler for BlockHandler {
                 Err(e) => log::debug!("virtio-blk {}: cannot return chain {head}: {e}", self.id),
             }
         }
-        skip_corrupt_avail(queue, mem, &self.id);
+        skip_corrupt_avail(queue, mem, format_args!("virtio-blk {}", self.id));
         used
     }
 }

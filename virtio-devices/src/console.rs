@@ -25,7 +25,6 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -35,7 +34,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{ActivateError, ActiveQueue, QueueInterrupt, VirtioDevice};
-use crate::worker::{QueueHandler, Worker};
+use crate::worker::{skip_corrupt_avail, QueueHandler, Worker};
 use crate::GuestMemoryMmap;
 
 /// The size of each queue.
@@ -331,12 +330,8 @@ fn return_chain(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -
 /// recovers from a driver whose available index ran more than a ring ahead
 /// (no chain can be popped then, and the queue would look busy forever).
 fn rearm(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
-        if (avail - Wrapping(queue.next_avail())).0 > queue.size() {
-            log::debug!("virtio-console: driver's available index is corrupt; skipping it");
-            queue.set_next_avail(avail.0);
-            return false;
-        }
+    if skip_corrupt_avail(queue, mem, "virtio-console") {
+        return false;
     }
     queue.event_idx_enabled() && queue.enable_notification(mem).unwrap_or(false)
 }

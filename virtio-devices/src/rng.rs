@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::num::Wrapping;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend};
 
 use crate::device::{ActivateError, ActiveQueue, QueueInterrupt, VirtioDevice};
-use crate::worker::{QueueHandler, Worker};
+use crate::worker::{skip_corrupt_avail, QueueHandler, Worker};
 use crate::GuestMemoryMmap;
 
 /// The size of the request queue.
@@ -212,20 +211,8 @@ impl QueueHandler for RngHandler {
                 Err(e) => log::debug!("virtio-rng: cannot return chain {head}: {e}"),
             }
         }
-        skip_corrupt_avail(queue, mem);
+        skip_corrupt_avail(queue, mem, "virtio-rng");
         used
-    }
-}
-
-/// Recovers from a driver whose available index ran more than a ring ahead:
-/// no chain can be popped then, yet the queue would look non-empty forever
-/// (and the worker would keep serving it).
-fn skip_corrupt_avail(queue: &mut Queue, mem: &GuestMemoryMmap) {
-    if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
-        if (avail - Wrapping(queue.next_avail())).0 > queue.size() {
-            log::debug!("virtio-rng: driver's available index is corrupt; skipping it");
-            queue.set_next_avail(avail.0);
-        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! input fd), hands each notified queue to the device's handler and raises
 //! the queue's interrupt when the driver wants one.
 
+use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -163,4 +164,23 @@ impl Drop for Worker {
             }
         }
     }
+}
+
+/// Recovers from a driver whose available index ran more than a ring ahead
+/// of what the device consumed: no chain can be popped then, yet the queue
+/// would look non-empty forever. Skips to the driver's index; returns
+/// whether it had to. Logged at debug level: a guest can do this at will.
+pub(crate) fn skip_corrupt_avail(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    device: impl std::fmt::Display,
+) -> bool {
+    if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
+        if (avail - Wrapping(queue.next_avail())).0 > queue.size() {
+            log::debug!("{device}: driver's available index is corrupt; skipping it");
+            queue.set_next_avail(avail.0);
+            return true;
+        }
+    }
+    false
 }

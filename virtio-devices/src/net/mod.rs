@@ -92,7 +92,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ActivateError, ActiveQueue, QueueInterrupt, VirtioDevice};
-use crate::worker::{QueueHandler, Worker};
+use crate::worker::{skip_corrupt_avail, QueueHandler, Worker};
 use crate::GuestMemoryMmap;
 
 /// Longest frame (after the virtio-net header) either way: 64 KiB, what a
@@ -962,22 +962,10 @@ impl RxTx {
 /// than a ring ahead (no chain can be popped then, and the queue would look
 /// busy forever).
 fn rearm(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    if skip_corrupt_avail(queue, mem) {
+    if skip_corrupt_avail(queue, mem, "virtio-net") {
         return false;
     }
     queue.enable_notification(mem).unwrap_or(false)
-}
-
-/// See [`rearm`]; returns whether it had to skip.
-fn skip_corrupt_avail(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
-        if (avail - Wrapping(queue.next_avail())).0 > queue.size() {
-            log::debug!("virtio-net: driver's available index is corrupt; skipping it");
-            queue.set_next_avail(avail.0);
-            return true;
-        }
-    }
-    false
 }
 
 /// For a receive queue whose available buffers (up to available index
@@ -989,7 +977,7 @@ fn skip_corrupt_avail(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
 /// will take: here that chain is still waiting, so the driver would never
 /// notify. The event is set to `seen` instead.
 fn notify_beyond(queue: &mut Queue, mem: &GuestMemoryMmap, seen: Wrapping<u16>) -> bool {
-    if skip_corrupt_avail(queue, mem) {
+    if skip_corrupt_avail(queue, mem, "virtio-net") {
         return false;
     }
     let next = queue.next_avail();
@@ -1277,7 +1265,7 @@ impl QueueHandler for CtrlHandler {
                 Err(e) => log::debug!("virtio-net: cannot return control chain {head}: {e}"),
             }
         }
-        skip_corrupt_avail(queue, mem);
+        skip_corrupt_avail(queue, mem, "virtio-net");
         used
     }
 }
