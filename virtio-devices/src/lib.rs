@@ -9,6 +9,8 @@ pub mod device;
 pub mod net;
 pub mod pci;
 pub mod rng;
+#[cfg(test)]
+mod test_util;
 pub mod transport;
 pub mod worker;
 

@@ -220,49 +220,15 @@ impl QueueHandler for RngHandler {
 mod tests {
     use super::*;
     use std::io::Write;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 
-    const W: u16 = VRING_DESC_F_WRITE as u16;
+    use crate::test_util::{add_chains, used, W};
 
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    /// Writes the chains (each a list of (addr, len, flags)) at consecutive
-    /// descriptor indices and makes them available.
-    fn add_chains(vq: &MockSplitQueue<GuestMemoryMmap>, chains: &[&[(u64, u32, u16)]]) {
-        let mut index = 0u16;
-        for chain in chains {
-            let start = index;
-            let descs: Vec<RawDescriptor> = chain
-                .iter()
-                .enumerate()
-                .map(|(i, &(addr, len, flags))| {
-                    let last = i + 1 == chain.len();
-                    let flags = if last {
-                        flags
-                    } else {
-                        flags | VRING_DESC_F_NEXT as u16
-                    };
-                    RawDescriptor::from(Descriptor::new(addr, len, flags, start + i as u16 + 1))
-                })
-                .collect();
-            vq.add_desc_chains(&descs, start).unwrap();
-            index += chain.len() as u16;
-        }
-    }
-
-    fn used(vq: &MockSplitQueue<GuestMemoryMmap>) -> Vec<(u32, u32)> {
-        let n = vq.used().idx().load();
-        (0..n)
-            .map(|i| {
-                let e = vq.used().ring().ref_at(usize::from(i)).unwrap().load();
-                (e.id(), e.len())
-            })
-            .collect()
     }
 
     fn source_file(content: &[u8]) -> (PathBuf, Arc<File>) {
@@ -288,6 +254,7 @@ mod tests {
         // one is skipped.
         add_chains(
             &vq,
+            0,
             &[
                 &[(0x1_0000, 0, 0), (0x2_0000, 100, W), (0x3_0000, 28, W)],
                 &[(0x4_0000, 4096, W)],
@@ -311,6 +278,7 @@ mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
         add_chains(
             &vq,
+            0,
             &[
                 // Asks for 192 KiB; gets 64 KiB.
                 &[
@@ -343,7 +311,7 @@ mod tests {
         let mem = memory();
         let vq = MockSplitQueue::new(&mem, 16);
         let mut q: Queue = vq.create_queue().unwrap();
-        add_chains(&vq, &[&[(0x1_0000, 100, W)], &[(0x2_0000, 100, W)]]);
+        add_chains(&vq, 0, &[&[(0x1_0000, 100, W)], &[(0x2_0000, 100, W)]]);
         let (path, file) = source_file(&[1u8; 30]);
         let mut h = RngHandler::new(file, Arc::new(Counters::default()));
         assert!(h.process(0, &mut q, &mem));

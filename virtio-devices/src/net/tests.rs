@@ -1,56 +1,15 @@
 use super::*;
+use crate::test_util::{add_chains, used, W};
 use std::collections::VecDeque;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-
-const W: u16 = VRING_DESC_F_WRITE as u16;
 
 fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
-}
-
-/// Writes the chains (each a list of (addr, len, flags)) from descriptor
-/// index `start` on and makes them available; returns the next free index.
-fn add_chains(
-    vq: &MockSplitQueue<GuestMemoryMmap>,
-    start: u16,
-    chains: &[&[(u64, u32, u16)]],
-) -> u16 {
-    let mut index = start;
-    for chain in chains {
-        let first = index;
-        let descs: Vec<RawDescriptor> = chain
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, flags))| {
-                let flags = if i + 1 == chain.len() {
-                    flags
-                } else {
-                    flags | VRING_DESC_F_NEXT as u16
-                };
-                RawDescriptor::from(Descriptor::new(addr, len, flags, first + i as u16 + 1))
-            })
-            .collect();
-        vq.add_desc_chains(&descs, first).unwrap();
-        index += chain.len() as u16;
-    }
-    index
-}
-
-fn used(vq: &MockSplitQueue<GuestMemoryMmap>) -> Vec<(u32, u32)> {
-    let n = vq.used().idx().load();
-    (0..n)
-        .map(|i| {
-            let e = vq.used().ring().ref_at(usize::from(i)).unwrap().load();
-            (e.id(), e.len())
-        })
-        .collect()
 }
 
 fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {

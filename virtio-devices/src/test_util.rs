@@ -1,0 +1,50 @@
+//! Helpers for the device models' unit tests: building descriptor chains on
+//! virtio-queue's mock queues and reading back the used ring.
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+
+use crate::GuestMemoryMmap;
+
+/// Flag of a device-writable descriptor.
+pub const W: u16 = VRING_DESC_F_WRITE as u16;
+
+/// Writes the chains (each a list of (addr, len, flags)) from descriptor
+/// index `start` on and makes them available; returns the next free index.
+pub fn add_chains(
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    start: u16,
+    chains: &[&[(u64, u32, u16)]],
+) -> u16 {
+    let mut index = start;
+    for chain in chains {
+        let first = index;
+        let descs: Vec<RawDescriptor> = chain
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                let flags = if i + 1 == chain.len() {
+                    flags
+                } else {
+                    flags | VRING_DESC_F_NEXT as u16
+                };
+                RawDescriptor::from(Descriptor::new(addr, len, flags, first + i as u16 + 1))
+            })
+            .collect();
+        vq.add_desc_chains(&descs, first).unwrap();
+        index += chain.len() as u16;
+    }
+    index
+}
+
+/// The used ring's (id, len) entries so far.
+pub fn used(vq: &MockSplitQueue<GuestMemoryMmap>) -> Vec<(u32, u32)> {
+    let n = vq.used().idx().load();
+    (0..n)
+        .map(|i| {
+            let e = vq.used().ring().ref_at(usize::from(i)).unwrap().load();
+            (e.id(), e.len())
+        })
+        .collect()
+}
