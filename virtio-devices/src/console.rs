@@ -16,11 +16,11 @@
 //! [`Console::with_size`] says otherwise).
 //!
 //! Notification suppression: the receive queue normally holds buffers the
-//! device is not ready to use (no input yet). The generic worker loop, when
-//! told EVENT_IDX is on, keeps serving a queue while buffers are available,
-//! which would spin on such a queue; so this device starts its worker without
-//! that loop and re-enables notifications itself, only when it has consumed
-//! every buffer it wants (see [`ConsoleHandler::rearm`]).
+//! device is not ready to use (no input yet). This device starts its worker
+//! without the worker's EVENT_IDX loop and re-enables notifications itself,
+//! only when it has consumed every buffer it wants (see
+//! [`ConsoleHandler::rearm`]). (It predates the worker loop going round only
+//! when the driver adds buffers; it could now use that loop instead.)
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
