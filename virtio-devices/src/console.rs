@@ -19,7 +19,7 @@
 //! device is not ready to use (no input yet). This device starts its worker
 //! without the worker's EVENT_IDX loop and re-enables notifications itself,
 //! only when it has consumed every buffer it wants (see
-//! [`rearm`]). (It predates the worker loop going round only
+//! `rearm`). (It predates the worker loop going round only
 //! when the driver adds buffers; it could now use that loop instead.)
 
 use std::collections::{BTreeMap, VecDeque};
