@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::BlockError;
+use crate::{BlockError, FlatFile};
 
 /// Alignment of buffers, offsets and lengths for `O_DIRECT` I/O.
 pub(crate) const DIRECT_ALIGN: u64 = 4096;
@@ -144,6 +144,13 @@ impl ImageFile {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub(crate) fn flat(&self) -> FlatFile {
+        FlatFile {
+            fd: self.file.as_raw_fd(),
+            direct: self.direct,
+        }
     }
 
     pub(crate) fn len(&self) -> u64 {

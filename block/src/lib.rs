@@ -26,6 +26,7 @@ pub mod raw;
 use std::fmt;
 use std::fs::File;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -73,6 +74,23 @@ pub trait DiskImage: Send {
     /// Whether [`discard`](DiskImage::discard) does anything, so the device
     /// knows whether to offer VIRTIO_BLK_F_DISCARD.
     fn supports_discard(&self) -> bool;
+
+    /// The file behind an image whose disk offsets are file offsets (raw),
+    /// so that a device can move data between guest memory and the file
+    /// itself, many requests at a time. `None` for formats that map offsets
+    /// (qcow2): their reads and writes must go through this trait.
+    fn flat_file(&self) -> Option<FlatFile> {
+        None
+    }
+}
+
+/// See [`DiskImage::flat_file`]. The fd stays open as long as the image.
+#[derive(Clone, Copy, Debug)]
+pub struct FlatFile {
+    pub fd: RawFd,
+    /// Opened with `O_DIRECT`: buffers, offsets and lengths must be aligned
+    /// to the device's logical block size, or the kernel says `EINVAL`.
+    pub direct: bool,
 }
 
 /// The formats kite can open.

@@ -5,7 +5,7 @@ use std::io;
 use std::path::Path;
 
 use crate::file::ImageFile;
-use crate::{check_range, BlockError, DiskImage, OpenOptions};
+use crate::{check_range, BlockError, DiskImage, FlatFile, OpenOptions};
 
 /// Largest buffer of zeros written at once when write-zeroes has to fall back
 /// to plain writes.
@@ -144,6 +144,10 @@ impl DiskImage for RawImage {
 
     fn supports_discard(&self) -> bool {
         !self.readonly
+    }
+
+    fn flat_file(&self) -> Option<FlatFile> {
+        Some(self.file.flat())
     }
 }
 
