@@ -820,6 +820,36 @@ impl BlockHandler {
         (S_OK, 0)
     }
 
+    /// Puts a finished chain in the used ring; true if it is there.
+    fn give_back(&self, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
+        if let Some(c) = self.counters.queue_requests.get(self.queue) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        match queue.add_used(mem, head, len) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("virtio-blk {}: cannot return chain {head}: {e}", self.id);
+                false
+            }
+        }
+    }
+
+    /// Finishes what the io_uring completed; true if any chain was used.
+    fn complete_finished(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let Some(uring) = &mut self.uring else {
+            return false;
+        };
+        let mut completions = std::mem::take(&mut self.completions);
+        uring.reap(&mut completions);
+        let mut used = false;
+        for c in completions.drain(..) {
+            let (head, len) = self.complete(mem, c);
+            used |= self.give_back(queue, mem, head, len);
+        }
+        self.completions = completions;
+        used
+    }
+
     /// Finishes a request the io_uring completed; returns its head and used
     /// length. A short or misaligned (`EINVAL` under `O_DIRECT`) transfer is
     /// done again synchronously, which copes with both.
@@ -1028,35 +1058,19 @@ fn in_memory(mem: &GuestMemoryMmap, segs: &[Seg]) -> bool {
 
 impl QueueHandler for BlockHandler {
     fn process(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        let mut give_back = |handler: &Self, queue: &mut Queue, head: u16, len: u32| {
-            if let Some(c) = handler.counters.queue_requests.get(handler.queue) {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-            match queue.add_used(mem, head, len) {
-                Ok(()) => used = true,
-                Err(e) => log::debug!("virtio-blk {}: cannot return chain {head}: {e}", handler.id),
-            }
-        };
-        if let Some(uring) = &mut self.uring {
-            uring.reap(&mut self.completions);
-            let mut completions = std::mem::take(&mut self.completions);
-            for c in completions.drain(..) {
-                let (head, len) = self.complete(mem, c);
-                give_back(self, queue, head, len);
-            }
-            self.completions = completions;
-        }
+        let mut used = self.complete_finished(queue, mem);
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             if let Some(len) = self.process_chain(chain, mem) {
-                give_back(self, queue, head, len);
+                used |= self.give_back(queue, mem, head, len);
             }
         }
         if let Some(uring) = &mut self.uring {
             if let Err(e) = uring.submit() {
                 log::error!("virtio-blk {}: io_uring submit failed: {e}", self.id);
             }
+            // Reads from the page cache often complete within the submit.
+            used |= self.complete_finished(queue, mem);
         }
         skip_corrupt_avail(queue, mem, format_args!("virtio-blk {}", self.id));
         used
