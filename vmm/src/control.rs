@@ -18,6 +18,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::{Consoles, RawTerminal};
+use crate::spare_vm::SpareVm;
 use crate::vm::{Vm, VmError};
 use crate::VmmError;
 
@@ -45,7 +46,9 @@ struct Instance {
 }
 
 pub struct ControlLoop {
-    kvm: Kvm,
+    kvm: Arc<Kvm>,
+    /// Made while there is no VM (API mode), taken by the next build.
+    spare: SpareVm,
     cpuid: CpuId,
     epoll: Epoll,
     api_rx: Receiver<ApiRequest>,
@@ -66,7 +69,7 @@ impl ControlLoop {
         api_wake: Arc<EventFd>,
         exit_with_guest: bool,
     ) -> Result<ControlLoop, VmmError> {
-        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let kvm = Arc::new(Kvm::new().map_err(VmmError::Kvm)?);
         let cpuid = crate::x86::cpuid::supported_cpuid(&kvm).map_err(VmmError::Cpuid)?;
         crate::vcpu::register_kick_signal().map_err(VmmError::Signal)?;
         let epoll = Epoll::new().map_err(VmmError::Epoll)?;
@@ -85,8 +88,13 @@ impl ControlLoop {
                 )
                 .map_err(VmmError::Epoll)?;
         }
+        let mut spare = SpareVm::default();
+        if !exit_with_guest {
+            spare.prepare(&kvm);
+        }
         Ok(ControlLoop {
             kvm,
+            spare,
             cpuid,
             epoll,
             api_rx,
@@ -247,6 +255,7 @@ impl ControlLoop {
             ApiAction::VmDelete => {
                 self.teardown();
                 self.drain_vm_events();
+                self.spare.prepare(&self.kvm);
                 Ok(ApiResponse::Empty)
             }
         }
@@ -267,8 +276,15 @@ impl ControlLoop {
         crate::host::check_fits(&config).map_err(ApiError::BadRequest)?;
         let consoles = Consoles::open(&config.serial, &config.console)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let vm = build_vm(&self.kvm, &self.cpuid, &self.events, &config, &consoles)
-            .map_err(vm_api_error)?;
+        let vm = build_vm(
+            &self.kvm,
+            &mut self.spare,
+            &self.cpuid,
+            &self.events,
+            &config,
+            &consoles,
+        )
+        .map_err(vm_api_error)?;
         consoles
             .truncate()
             .map_err(|e| ApiError::Internal(format!("cannot empty a console output file: {e}")))?;
@@ -294,6 +310,7 @@ impl ControlLoop {
             // Booting again after a shutdown: build a fresh machine.
             let vm = build_vm(
                 &self.kvm,
+                &mut self.spare,
                 &self.cpuid,
                 &self.events,
                 &inst.config,
@@ -338,6 +355,7 @@ impl ControlLoop {
         };
         let mut vm = build_vm(
             &self.kvm,
+            &mut self.spare,
             &self.cpuid,
             &self.events,
             &inst.config,
@@ -459,10 +477,14 @@ fn instance_in<'a>(
 
 fn build_vm(
     kvm: &Kvm,
+    spare: &mut SpareVm,
     cpuid: &CpuId,
     events: &VmEventSender,
     config: &VmConfig,
     consoles: &Consoles,
 ) -> Result<Vm, VmError> {
-    Vm::new(kvm, cpuid, config, consoles, events.clone())
+    let fd = spare
+        .take(kvm)
+        .map_err(crate::vm::kvm_err("create the KVM VM"))?;
+    Vm::new(fd, cpuid, config, consoles, events.clone())
 }

@@ -14,6 +14,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod spare_vm;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use api::config::VmConfig;
 use devices::VmEventSender;
 use kvm_bindings::CpuId;
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::boot::{self, BootError, Payload};
 use crate::console::Consoles;
@@ -58,7 +58,7 @@ impl VmError {
     }
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
@@ -81,18 +81,18 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Builds the whole VM from `config`. `cpuid` is what KVM supports (read
-    /// once per process); `consoles` are the host ends of COM1 and the
-    /// virtio-console.
+    /// Builds the whole VM from `config` on `fd`, a fresh KVM VM. `cpuid` is
+    /// what KVM supports (read once per process); `consoles` are the host
+    /// ends of COM1 and the virtio-console.
     pub fn new(
-        kvm: &Kvm,
+        fd: VmFd,
         cpuid: &CpuId,
         config: &VmConfig,
         consoles: &Consoles,
         events: VmEventSender,
     ) -> Result<Vm, VmError> {
         let started = std::time::Instant::now();
-        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("create the KVM VM"))?);
+        let fd = Arc::new(fd);
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("set the TSS address"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
