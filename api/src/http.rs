@@ -248,13 +248,6 @@ impl Server {
             // Don't keep a large body's buffer for the process's lifetime.
             self.buf = Vec::with_capacity(READ_CHUNK);
         }
-        if let Err(e) = stream
-            .set_read_timeout(Some(READ_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
-        {
-            warn!("API server: cannot set socket timeouts: {e}");
-            return Flow::Continue;
-        }
         self.serve_requests(&mut stream)
     }
 
@@ -278,7 +271,7 @@ impl Server {
             let start = Instant::now();
             let total = head.len + head.content_length;
             if head.expect_continue && self.buf.len() < total {
-                let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+                let _ = send_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n");
             }
             if !self.read_to(stream, total) {
                 return Flow::Continue;
@@ -286,7 +279,7 @@ impl Server {
             let outcome = self.dispatch(&head, total);
             let flow = outcome.flow;
             let keep_alive = head.keep_alive && flow == Flow::Continue;
-            let written = stream.write_all(&self.out);
+            let written = send_all(stream, &self.out);
             outcome.log(&head, start);
             if let Err(e) = written {
                 debug!("API server: cannot write the response: {e}");
@@ -457,7 +450,7 @@ impl Server {
         );
         let head = ResponseHead::new(failure.status, true);
         write_error(&mut self.out, &mut self.body, head, &failure.message);
-        if let Err(e) = stream.write_all(&self.out) {
+        if let Err(e) = send_all(stream, &self.out) {
             debug!("API server: cannot write the error response: {e}");
         }
     }
@@ -526,6 +519,49 @@ fn fill(
     };
     buf.truncate(old + *result.as_ref().unwrap_or(&0));
     result
+}
+
+/// Writes all of `bytes`, waiting at most [`WRITE_TIMEOUT`] for a client
+/// that does not read its responses. (Timeouts are kept here and in
+/// [`wait_readable`] rather than set on each socket: two syscalls less per
+/// connection.)
+fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> io::Result<()> {
+    let deadline = Instant::now() + WRITE_TIMEOUT;
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is valid, readable memory of the given length.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            bytes = &bytes[n as usize..];
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                let mut fd = libc::pollfd {
+                    fd: stream.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                let timeout = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+                // SAFETY: one valid pollfd that outlives the call.
+                unsafe { libc::poll(&mut fd, 1, timeout) };
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Waits until `stream` has data, at most [`READ_TIMEOUT`]. The server
