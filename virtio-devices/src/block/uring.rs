@@ -81,10 +81,10 @@ impl Uring {
     pub(super) fn new(file: FlatFile, depth: u16, mem: GuestMemoryMmap) -> io::Result<Uring> {
         let ring = IoUring::new(u32::from(depth))?;
         let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
-        // Only completions that happen later signal it; those that finish
-        // within a submit are reaped right after it.
-        ring.submitter()
-            .register_eventfd_async(eventfd.as_raw_fd())?;
+        // Every completion signals it, also those reaped within a submit:
+        // the "async only" variant stays silent for completions the kernel
+        // posts from the submitting thread (O_DIRECT), which would be lost.
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let slots = (0..depth)
             .map(|_| Slot {
                 request: None,
@@ -102,7 +102,7 @@ impl Uring {
         })
     }
 
-    /// Readable when completions arrived after a submit returned.
+    /// Readable when completions may be waiting.
     pub(super) fn eventfd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
     }
