@@ -22,6 +22,12 @@ use vmm_sys_util::eventfd::EventFd;
 use super::Seg;
 use crate::GuestMemoryMmap;
 
+/// Requests in flight per queue, at most; more wait their turn in the
+/// synchronous path. It bounds what a guest can pin in host memory (each
+/// slot keeps up to [`super::MAX_DESCRIPTORS_PER_REQUEST`] iovecs) while
+/// leaving room for any queue depth a guest uses in practice.
+pub(super) const MAX_IN_FLIGHT: u16 = 128;
+
 /// O_DIRECT needs buffers and lengths aligned to the logical block size;
 /// requests not aligned even to 512 go the synchronous (bounce) way at once.
 const DIRECT_MIN_ALIGN: u64 = 512;
@@ -77,8 +83,10 @@ pub(super) struct Uring {
 unsafe impl Send for Uring {}
 
 impl Uring {
-    /// A ring for up to `depth` requests in flight on `file`.
+    /// A ring for up to `depth` (at most [`MAX_IN_FLIGHT`]) requests in
+    /// flight on `file`.
     pub(super) fn new(file: FlatFile, depth: u16, mem: GuestMemoryMmap) -> io::Result<Uring> {
+        let depth = depth.clamp(1, MAX_IN_FLIGHT);
         let ring = IoUring::new(u32::from(depth))?;
         let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
         // Every completion signals it, also those reaped within a submit:
