@@ -616,8 +616,12 @@ impl BlockHandler {
         let wlen = total_len(wsegs);
         let mut writer = Cursor::new(wsegs);
         match req_type {
-            VIRTIO_BLK_T_IN => self.read(mem, head, status, sector, &mut writer, wlen),
-            VIRTIO_BLK_T_OUT => self.write(mem, head, status, sector, &mut reader, rlen),
+            VIRTIO_BLK_T_IN => {
+                self.transfer(Op::Read, mem, head, status, sector, &mut writer, wlen)
+            }
+            VIRTIO_BLK_T_OUT => {
+                self.transfer(Op::Write, mem, head, status, sector, &mut reader, rlen)
+            }
             VIRTIO_BLK_T_FLUSH => self.flush().into(),
             VIRTIO_BLK_T_GET_ID => self.get_id(mem, &mut writer, wlen).into(),
             VIRTIO_BLK_T_DISCARD => self.discard_or_zero(mem, &mut reader, rlen, false).into(),
@@ -676,41 +680,65 @@ impl BlockHandler {
         }
     }
 
-    fn read(
+    /// A read (IN) or write (OUT) of `len` bytes at `sector`, with the data
+    /// in the guest buffers of `data`: checked, then handed to the io_uring
+    /// or served synchronously.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(
         &mut self,
+        op: Op,
         mem: &GuestMemoryMmap,
         head: u16,
         status: GuestAddress,
         sector: u64,
-        writer: &mut Cursor,
+        data: &mut Cursor,
         len: u64,
     ) -> Outcome {
+        if op == Op::Write && self.readonly {
+            log::debug!("virtio-blk {}: write to a read-only disk", self.id);
+            return Outcome::Done(S_IOERR, 0);
+        }
         if !len.is_multiple_of(SECTOR_SIZE) {
             return Outcome::Done(S_IOERR, 0);
         }
         let Some(offset) = self.disk_range(sector, len) else {
             log::debug!(
-                "virtio-blk {}: read of {len} bytes at sector {sector} is outside the disk",
-                self.id
+                "virtio-blk {}: {} of {len} bytes at sector {sector} is outside the disk",
+                self.id,
+                op.name()
             );
             return Outcome::Done(S_IOERR, 0);
         };
         if self.uring.is_none() {
-            return self.read_sync(mem, offset, writer, len).into();
+            return self.transfer_sync(op, mem, offset, data, len).into();
         }
         let request = Request {
-            op: Op::Read,
+            op,
             head,
             status,
             offset,
             len,
-            data: writer.rest(),
+            data: data.rest(),
         };
         match self.queue(request) {
             Ok(()) => Outcome::Queued,
             Err(r) => self
-                .read_sync(mem, offset, &mut Cursor::new(&r.data), len)
+                .transfer_sync(op, mem, offset, &mut Cursor::new(&r.data), len)
                 .into(),
+        }
+    }
+
+    fn transfer_sync(
+        &mut self,
+        op: Op,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        data: &mut Cursor,
+        len: u64,
+    ) -> (u8, u32) {
+        match op {
+            Op::Read => self.read_sync(mem, offset, data, len),
+            Op::Write => self.write_sync(mem, offset, data, len),
         }
     }
 
@@ -743,48 +771,6 @@ impl BlockHandler {
         self.counters.read_bytes.fetch_add(len, Ordering::Relaxed);
         // A chain carries less than 4 GiB, so len fits.
         (S_OK, u32::try_from(len).unwrap_or(u32::MAX))
-    }
-
-    fn write(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        head: u16,
-        status: GuestAddress,
-        sector: u64,
-        reader: &mut Cursor,
-        len: u64,
-    ) -> Outcome {
-        if self.readonly {
-            log::debug!("virtio-blk {}: write to a read-only disk", self.id);
-            return Outcome::Done(S_IOERR, 0);
-        }
-        if !len.is_multiple_of(SECTOR_SIZE) {
-            return Outcome::Done(S_IOERR, 0);
-        }
-        let Some(offset) = self.disk_range(sector, len) else {
-            log::debug!(
-                "virtio-blk {}: write of {len} bytes at sector {sector} is outside the disk",
-                self.id
-            );
-            return Outcome::Done(S_IOERR, 0);
-        };
-        if self.uring.is_none() {
-            return self.write_sync(mem, offset, reader, len).into();
-        }
-        let request = Request {
-            op: Op::Write,
-            head,
-            status,
-            offset,
-            len,
-            data: reader.rest(),
-        };
-        match self.queue(request) {
-            Ok(()) => Outcome::Queued,
-            Err(r) => self
-                .write_sync(mem, offset, &mut Cursor::new(&r.data), len)
-                .into(),
-        }
     }
 
     fn write_sync(
@@ -862,20 +848,10 @@ impl BlockHandler {
             },
             Err(_) if c.result != -libc::EINVAL => {
                 let e = std::io::Error::from_raw_os_error(-c.result);
-                let what = match r.op {
-                    Op::Read => "read",
-                    Op::Write => "write",
-                };
-                self.disk_error(what, &format_args!("at byte {}: {e}", r.offset));
+                self.disk_error(r.op.name(), &format_args!("at byte {}: {e}", r.offset));
                 (S_IOERR, 0)
             }
-            _ => {
-                let mut data = Cursor::new(&r.data);
-                match r.op {
-                    Op::Read => self.read_sync(mem, r.offset, &mut data, r.len),
-                    Op::Write => self.write_sync(mem, r.offset, &mut data, r.len),
-                }
-            }
+            _ => self.transfer_sync(r.op, mem, r.offset, &mut Cursor::new(&r.data), r.len),
         };
         (r.head, self.put_status(mem, r.status, status, written))
     }

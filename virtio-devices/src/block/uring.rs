@@ -39,6 +39,15 @@ pub(super) enum Op {
     Write,
 }
 
+impl Op {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+        }
+    }
+}
+
 /// A request in flight: what its completion needs to finish it.
 #[derive(Debug)]
 pub(super) struct Request {
