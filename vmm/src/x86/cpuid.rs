@@ -12,15 +12,31 @@ const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
 const TOPOLOGY_LEVEL_CORE: u32 = 2;
+/// The three leaves that hold the processor's brand string.
+const LEAVES_BRAND: std::ops::RangeInclusive<u32> = 0x8000_0002..=0x8000_0004;
 
 /// Reads what KVM supports once per VM; each vCPU gets a patched copy.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| CpuError::Kvm {
             id: 0,
             what: "read supported CPUID",
             source,
-        })
+        })?;
+    fill_brand_string(&mut cpuid);
+    Ok(cpuid)
+}
+
+/// Some KVMs report the brand string leaves empty, and the guest then names
+/// its CPU by family and model alone ("19/01"); give it the host's name.
+fn fill_brand_string(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        if LEAVES_BRAND.contains(&e.function) && [e.eax, e.ebx, e.ecx, e.edx] == [0; 4] {
+            let host = std::arch::x86_64::__cpuid(e.function);
+            (e.eax, e.ebx, e.ecx, e.edx) = (host.eax, host.ebx, host.ecx, host.edx);
+        }
+    }
 }
 
 /// Bits needed to number `n` cores in an APIC ID.
@@ -69,6 +85,31 @@ pub fn set_cpuid(vcpu: &VcpuFd, base: &CpuId, id: u8, vcpus: u8) -> Result<(), C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn brand_string_is_the_hosts() {
+        let kvm = Kvm::new().unwrap();
+        let cpuid = supported_cpuid(&kvm).unwrap();
+        let mut brand = Vec::new();
+        for leaf in LEAVES_BRAND {
+            let e = cpuid
+                .as_slice()
+                .iter()
+                .find(|e| e.function == leaf)
+                .unwrap();
+            for r in [e.eax, e.ebx, e.ecx, e.edx] {
+                brand.extend_from_slice(&r.to_le_bytes());
+            }
+        }
+        let brand = String::from_utf8_lossy(&brand);
+        let host = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let host = host
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .unwrap()
+            .trim_start_matches([' ', '\t', ':']);
+        assert_eq!(brand.trim_matches(['\0', ' ']), host.trim());
+    }
 
     #[test]
     fn core_bits() {
