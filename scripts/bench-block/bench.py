@@ -249,10 +249,11 @@ def run_vm(vmm, binary, mode, args, initrd, script_img, data, timeout, logdir):
             line = raw.decode(errors="replace").rstrip("\r\n")
             lf.write(line + "\n")
             lines.append(line)
-            m = re.match(r"(BENCH(?:-BEGIN|-END|-FAIL|-ENGINE|-DEV|-DONE)?) ?(.*)$", line)
+            # BENCH-STAT lines (the guest's disk counters) stay in the log only.
+            m = re.match(r"(BENCH(?:-BEGIN|-END|-FAIL|-ENGINE|-DEV|-DONE)?)(?: (.*))?$", line)
             if not m:
                 continue
-            tag, rest = m.groups()
+            tag, rest = m.group(1), m.group(2) or ""
             if tag in ("BENCH-BEGIN", "BENCH-END"):
                 s = task_sample(p.pid)
                 with lock:

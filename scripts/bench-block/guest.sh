@@ -5,6 +5,7 @@
 # Prints on the console, per job:
 #   BENCH-BEGIN <job>  /  BENCH-END <job>   (the host samples the VMM's CPU there)
 #   BENCH <job> iops=<n> bw_kib=<n> ios=<n> ... (or BENCH-FAIL <job> ...)
+#   BENCH-STAT <job> <the fields of /sys/block/vdb/stat after the job> (fio jobs)
 B=/bin/busybox
 FIO=/usr/bin/fio
 # No SysV IPC in the guest kernel: fio's job area comes from this shim.
@@ -12,7 +13,7 @@ export LD_PRELOAD=/usr/lib/fio-shm.so
 dev=/dev/vdb
 if [ ! -b $dev ]; then echo "BENCH-FAIL setup no $dev"; exit 1; fi
 mib=$(( $($B cat /sys/block/vdb/size) / 2048 ))
-echo "BENCH-DEV vdb mib=$mib sched=$($B cat /sys/block/vdb/queue/scheduler 2>/dev/null) nr_queues=$($B ls /sys/block/vdb/mq 2>/dev/null | $B wc -l)"
+echo "BENCH-DEV vdb mib=$mib sched=$($B cat /sys/block/vdb/queue/scheduler 2>/dev/null) nr_queues=$($B ls /sys/block/vdb/mq 2>/dev/null | $B wc -l) max_sectors_kb=$($B cat /sys/block/vdb/queue/max_sectors_kb) max_segments=$($B cat /sys/block/vdb/queue/max_segments) nr_requests=$($B cat /sys/block/vdb/queue/nr_requests)"
 
 dd_job() { # name bs_kib count dd-args...
   n=$1 bs=$2 cnt=$3; shift 3
@@ -57,6 +58,8 @@ fio_job() { # name rw bs_kib qd
     --runtime=$RT --time_based --output-format=terse >/tmp/fio.out 2>&1
   rc=$?
   echo "BENCH-END $n"
+  # The device's own counters (reads, merges, sectors...: Documentation/block/stat.rst).
+  echo "BENCH-STAT $n $($B cat /sys/block/vdb/stat) irqs=$($B awk '/-req\./ { s += $2 } END { print s }' /proc/interrupts)"
   # terse v3: 5 error, 6/7/8 read KiB/KiB/s/IOPS, 47/48/49 the same for writes.
   $B awk -F';' -v n=$n -v bs=$bs -v rc=$rc -v eng=$engine -v qd=$qd '
     $1 == "3" && NF > 50 && rc == 0 && $5 == 0 { found = 1

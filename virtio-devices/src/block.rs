@@ -1060,6 +1060,10 @@ impl QueueHandler for BlockHandler {
         // The worker serves the queue next, which reaps the completions.
         true
     }
+
+    fn in_flight(&self) -> bool {
+        self.uring.as_ref().is_some_and(|u| u.in_flight() > 0)
+    }
 }
 
 /// Serves every available chain of `queue` against `disk`, as a queue worker

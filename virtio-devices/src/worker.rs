@@ -32,6 +32,13 @@ pub trait QueueHandler: Send + 'static {
     fn input_ready(&mut self) -> bool {
         false
     }
+    /// True while requests taken from the queue are still in flight and
+    /// their completion will wake the worker (through the input fd), which
+    /// then looks at the queue anyway: with EVENT_IDX the driver is not asked
+    /// to notify meanwhile, which saves the guest a trap per request.
+    fn in_flight(&self) -> bool {
+        false
+    }
 }
 
 /// A running worker thread; dropping it stops and joins the thread.
@@ -127,7 +134,8 @@ impl Worker {
 /// kicked): those are served too. It goes round again only when the driver
 /// made more available, so buffers a handler leaves waiting on purpose (a
 /// console's receive buffers without host input) or a corrupt ring cannot
-/// make it spin.
+/// make it spin. Notifications stay off while the handler has requests in
+/// flight: the last completion re-enables them.
 fn serve<H: QueueHandler>(
     handler: &mut H,
     q: &mut ActiveQueue,
@@ -144,7 +152,7 @@ fn serve<H: QueueHandler>(
         if used && q.queue.needs_notification(mem).unwrap_or(true) {
             interrupt.signal_queue(q.index);
         }
-        if !event_idx {
+        if !event_idx || handler.in_flight() {
             return;
         }
         let more = q.queue.enable_notification(mem).unwrap_or(false);
@@ -183,4 +191,63 @@ pub(crate) fn skip_corrupt_avail(
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::add_chains;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Takes every chain and keeps it "in flight" as long as told to.
+    struct Holder {
+        in_flight: bool,
+    }
+
+    impl QueueHandler for Holder {
+        fn process(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+            while queue.pop_descriptor_chain(mem).is_some() {}
+            false
+        }
+        fn in_flight(&self) -> bool {
+            self.in_flight
+        }
+    }
+
+    struct NoInterrupt;
+
+    impl QueueInterrupt for NoInterrupt {
+        fn signal_queue(&self, _queue: u16) {}
+        fn signal_config(&self) {}
+    }
+
+    #[test]
+    fn no_notifications_asked_for_while_requests_are_in_flight() {
+        const SIZE: u16 = 16;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, SIZE);
+        let mut queue: Queue = vq.create_queue().unwrap();
+        queue.set_event_idx(true);
+        let mut q = ActiveQueue {
+            index: 0,
+            queue,
+            notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        // avail_event sits after the used ring's entries.
+        let avail_event = GuestAddress(vq.used_addr().0 + 4 + 8 * u64::from(SIZE));
+        let read_avail_event = || mem.read_obj::<u16>(avail_event).unwrap();
+
+        let next = add_chains(&vq, 0, &[&[(0x8000, 16, 0)], &[(0x8100, 16, 0)]]);
+        let mut handler = Holder { in_flight: true };
+        serve(&mut handler, &mut q, &mem, &NoInterrupt, true);
+        assert_eq!(q.queue.next_avail(), 2);
+        assert_eq!(read_avail_event(), 0, "re-armed with requests in flight");
+
+        add_chains(&vq, next, &[&[(0x8200, 16, 0)]]);
+        handler.in_flight = false;
+        serve(&mut handler, &mut q, &mem, &NoInterrupt, true);
+        assert_eq!(q.queue.next_avail(), 3);
+        assert_eq!(read_avail_event(), 3, "not re-armed once idle");
+    }
 }

@@ -200,7 +200,8 @@ impl Uring {
         }
     }
 
-    fn in_flight(&self) -> usize {
+    /// Requests the kernel has not completed yet.
+    pub(super) fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
     }
 }
