@@ -576,12 +576,6 @@ mod tests {
         assert_eq!(d, [0, 0]);
     }
 
-    struct NoInterrupt;
-    impl QueueInterrupt for NoInterrupt {
-        fn signal_queue(&self, _queue: u16) {}
-        fn signal_config(&self) {}
-    }
-
     /// With EVENT_IDX and receive buffers posted but no input, the worker
     /// must sleep rather than spin, and must still deliver output and input.
     #[test]
@@ -614,7 +608,7 @@ mod tests {
         console
             .activate(
                 mem.clone(),
-                Arc::new(NoInterrupt),
+                Arc::new(crate::test_util::CountingInterrupt::default()),
                 queues,
                 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
             )

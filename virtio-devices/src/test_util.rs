@@ -1,10 +1,13 @@
 //! Helpers for the device models' unit tests: building descriptor chains on
 //! virtio-queue's mock queues and reading back the used ring.
 
+use std::sync::Mutex;
+
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 
+use crate::device::QueueInterrupt;
 use crate::GuestMemoryMmap;
 
 /// Flag of a device-writable descriptor.
@@ -47,4 +50,15 @@ pub fn used(vq: &MockSplitQueue<GuestMemoryMmap>) -> Vec<(u32, u32)> {
             (e.id(), e.len())
         })
         .collect()
+}
+
+/// Records which queues were signalled.
+#[derive(Default)]
+pub struct CountingInterrupt(pub Mutex<Vec<u16>>);
+
+impl QueueInterrupt for CountingInterrupt {
+    fn signal_queue(&self, queue: u16) {
+        self.0.lock().unwrap().push(queue);
+    }
+    fn signal_config(&self) {}
 }

@@ -196,7 +196,7 @@ pub(crate) fn skip_corrupt_avail(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::add_chains;
+    use crate::test_util::{add_chains, CountingInterrupt};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -213,13 +213,6 @@ mod tests {
         fn in_flight(&self) -> bool {
             self.in_flight
         }
-    }
-
-    struct NoInterrupt;
-
-    impl QueueInterrupt for NoInterrupt {
-        fn signal_queue(&self, _queue: u16) {}
-        fn signal_config(&self) {}
     }
 
     #[test]
@@ -239,14 +232,15 @@ mod tests {
         let read_avail_event = || mem.read_obj::<u16>(avail_event).unwrap();
 
         let next = add_chains(&vq, 0, &[&[(0x8000, 16, 0)], &[(0x8100, 16, 0)]]);
+        let interrupt = CountingInterrupt::default();
         let mut handler = Holder { in_flight: true };
-        serve(&mut handler, &mut q, &mem, &NoInterrupt, true);
+        serve(&mut handler, &mut q, &mem, &interrupt, true);
         assert_eq!(q.queue.next_avail(), 2);
         assert_eq!(read_avail_event(), 0, "re-armed with requests in flight");
 
         add_chains(&vq, next, &[&[(0x8200, 16, 0)]]);
         handler.in_flight = false;
-        serve(&mut handler, &mut q, &mem, &NoInterrupt, true);
+        serve(&mut handler, &mut q, &mem, &interrupt, true);
         assert_eq!(q.queue.next_avail(), 3);
         assert_eq!(read_avail_event(), 3, "not re-armed once idle");
     }

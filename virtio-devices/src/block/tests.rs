@@ -1,5 +1,5 @@
 use super::*;
-use crate::test_util::{add_chains, used, W};
+use crate::test_util::{add_chains, used, CountingInterrupt, W};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
@@ -906,15 +906,6 @@ fn bad_parameters_are_refused() {
     assert!(e.contains("virtio-blk x"), "{e}");
 }
 
-struct CountingInterrupt(Mutex<Vec<u16>>);
-
-impl QueueInterrupt for CountingInterrupt {
-    fn signal_queue(&self, queue: u16) {
-        self.0.lock().unwrap().push(queue);
-    }
-    fn signal_config(&self) {}
-}
-
 /// Two queues, each on its own worker thread, through activate and reset.
 #[test]
 fn workers_serve_each_queue() {
@@ -929,7 +920,7 @@ fn workers_serve_each_queue() {
         String::new(),
     )
     .unwrap();
-    let interrupt = Arc::new(CountingInterrupt(Mutex::new(Vec::new())));
+    let interrupt = Arc::new(CountingInterrupt::default());
     for round in 0..2 {
         let vqs = [
             MockSplitQueue::create(&mem, GuestAddress(0x60_0000), 16),
@@ -1041,7 +1032,7 @@ fn odd_ids_make_valid_thread_names() {
     };
     dev.activate(
         mem.clone(),
-        Arc::new(CountingInterrupt(Mutex::new(Vec::new()))),
+        Arc::new(CountingInterrupt::default()),
         vec![queue],
         ALL,
     )

@@ -1,5 +1,5 @@
 use super::*;
-use crate::test_util::{add_chains, used, W};
+use crate::test_util::{add_chains, used, CountingInterrupt, W};
 use std::collections::VecDeque;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::AtomicBool;
@@ -784,15 +784,6 @@ impl TapIo for SocketTap {
     }
 }
 
-struct CountingInterrupt(Mutex<Vec<u16>>);
-
-impl QueueInterrupt for CountingInterrupt {
-    fn signal_queue(&self, queue: u16) {
-        self.0.lock().unwrap().push(queue);
-    }
-    fn signal_config(&self) {}
-}
-
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !cond() {
@@ -830,7 +821,7 @@ fn device_moves_frames_on_its_threads() {
     .unwrap();
     let rx_kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let tx_kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let interrupts = Arc::new(CountingInterrupt(Mutex::new(Vec::new())));
+    let interrupts = Arc::new(CountingInterrupt::default());
     let features = net.features();
     net.activate(
         mem.clone(),
@@ -956,7 +947,7 @@ fn multiqueue_device_attaches_pairs_on_request() {
     .unwrap();
     net.activate(
         mem.clone(),
-        Arc::new(CountingInterrupt(Mutex::new(Vec::new()))),
+        Arc::new(CountingInterrupt::default()),
         queues,
         net.features(),
     )
