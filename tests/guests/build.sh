@@ -31,27 +31,18 @@ for name in triple_fault internal_error unhandled_io serial_flood counter powero
   rm -f "$out/$name.o"
 done
 
-# virtio_hostile: C for i386 (-m32) with its common.S entry, linked as an
-# i386 ELF, then converted to ELF64 (kite loads ELF64 PVH images only; the
-# code stays 32-bit, which is what the PVH entry runs anyway).
+# The C guests (virtio_hostile, net_hostile; virtio_guest.h holds what they
+# share): C for i386 (-m32) with their common.S entry (NAME_entry.S), linked
+# as an i386 ELF, then converted to ELF64 (kite loads ELF64 PVH images only;
+# the code stays 32-bit, which is what the PVH entry runs anyway).
 # -mgeneral-regs-only: no SSE/x87 (CR4.OSFXSR is off in these guests).
-name=virtio_hostile
-gcc -m32 -c -ffreestanding -nostdlib -fno-pic -fno-pie -O2 -mgeneral-regs-only \
-  -fno-stack-protector -fno-asynchronous-unwind-tables -fno-unwind-tables \
-  -Wall -Wextra "$src/$name.c" -o "$out/$name.o"
-gcc -m32 -c -nostdlib -ffreestanding -I"$src" "$src/${name}_entry.S" -o "$out/${name}_entry.o"
-ld -m elf_i386 -static -nostdlib $ldflags -T "$src/guest.ld" \
-  "$out/${name}_entry.o" "$out/$name.o" -o "$out/$name.elf32"
-objcopy -O elf64-x86-64 "$out/$name.elf32" "$out/$name.elf"
-rm -f "$out/$name.o" "$out/${name}_entry.o" "$out/$name.elf32"
-
-# net_hostile: built exactly like virtio_hostile.
-name=net_hostile
-gcc -m32 -c -ffreestanding -nostdlib -fno-pic -fno-pie -O2 -mgeneral-regs-only \
-  -fno-stack-protector -fno-asynchronous-unwind-tables -fno-unwind-tables \
-  -Wall -Wextra "$src/$name.c" -o "$out/$name.o"
-gcc -m32 -c -nostdlib -ffreestanding -I"$src" "$src/${name}_entry.S" -o "$out/${name}_entry.o"
-ld -m elf_i386 -static -nostdlib $ldflags -T "$src/guest.ld" \
-  "$out/${name}_entry.o" "$out/$name.o" -o "$out/$name.elf32"
-objcopy -O elf64-x86-64 "$out/$name.elf32" "$out/$name.elf"
-rm -f "$out/$name.o" "$out/${name}_entry.o" "$out/$name.elf32"
+for name in virtio_hostile net_hostile; do
+  gcc -m32 -c -ffreestanding -nostdlib -fno-pic -fno-pie -O2 -mgeneral-regs-only \
+    -fno-stack-protector -fno-asynchronous-unwind-tables -fno-unwind-tables \
+    -Wall -Wextra -I"$src" "$src/$name.c" -o "$out/$name.o"
+  gcc -m32 -c -nostdlib -ffreestanding -I"$src" "$src/${name}_entry.S" -o "$out/${name}_entry.o"
+  ld -m elf_i386 -static -nostdlib $ldflags -T "$src/guest.ld" \
+    "$out/${name}_entry.o" "$out/$name.o" -o "$out/$name.elf32"
+  objcopy -O elf64-x86-64 "$out/$name.elf32" "$out/$name.elf"
+  rm -f "$out/$name.o" "$out/${name}_entry.o" "$out/$name.elf32"
+done
