@@ -20,13 +20,15 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from benchlib import fmt, log, med, overlay_initramfs, parse_kv, shared_libraries, task_sample  # noqa: E402
+
 DISK_ID = "bdata"  # id of the data disk: kite names its threads blk<q>-bdata, CH bdata_q<q>
 # (name, fio rw, block size KiB, queue depth)
 FIO_JOBS = [(f"{n}-{bs}k-qd{{qd}}", rw, bs) for n, rw, bs in [
@@ -51,25 +53,6 @@ def fio_jobs(qd_high):
 
 
 # ---------------------------------------------------------------- overlay --
-def newc(entries):
-    """entries: (name, mode, bytes). Returns a newc cpio archive with trailer."""
-    out = bytearray()
-
-    def add(name, mode, data, ino):
-        nlink = 2 if mode & 0o040000 else 1
-        hdr = "070701" + "".join(f"{v:08x}" for v in (
-            ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0))
-        out.extend(hdr.encode() + name.encode() + b"\0")
-        out.extend(b"\0" * (-len(out) % 4))
-        out.extend(data)
-        out.extend(b"\0" * (-len(out) % 4))
-
-    for i, (name, mode, data) in enumerate(entries):
-        add(name, mode, data, 5000 + i)
-    add("TRAILER!!!", 0, b"", 0)
-    return bytes(out)
-
-
 def build_initramfs(base, work):
     """Stock initramfs + an uncompressed overlay with fio, its libraries, the loader and the shim."""
     fio = shutil.which("fio")
@@ -78,32 +61,11 @@ def build_initramfs(base, work):
     shim = os.path.join(work, "fio-shm.so")
     subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", shim,
                     os.path.join(HERE, "fio-shm.c")], check=True)
-    ldd = subprocess.run(["ldd", fio], check=True, capture_output=True, text=True).stdout
-    libs = sorted(set(re.findall(r"(/\S+)\s+\(0x", ldd)))
+    libs = shared_libraries(fio)
     files = {"/usr/bin/fio": fio, "/usr/lib/fio-shm.so": shim}
-    for lib in libs:
-        files[lib] = lib
-    dirs = set()
-    for path in files:
-        d = os.path.dirname(path)
-        while d not in ("/", ""):
-            dirs.add(d)
-            d = os.path.dirname(d)
-    entries = [(d.lstrip("/"), 0o040755, b"") for d in sorted(dirs)]
-    total = 0
-    for path, src in sorted(files.items()):
-        with open(os.path.realpath(src), "rb") as f:
-            data = f.read()
-        total += len(data)
-        entries.append((path.lstrip("/"), 0o100755, data))
-    with open(base, "rb") as f:
-        data = bytearray(f.read())
-    data.extend(b"\0" * (-len(data) % 4))
-    data.extend(newc(entries))
+    files.update((lib, lib) for lib in libs)
     out = os.path.join(work, "initrd-fio.cpio")
-    with open(out + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(out + ".tmp", out)
+    total = overlay_initramfs(base, out, files)
     ver = subprocess.run([fio, "--version"], capture_output=True, text=True).stdout.strip()
     return out, ver, len(libs), total
 
@@ -149,24 +111,6 @@ def host_fio(data, jobs, runtime, mib):
 
 
 # --------------------------------------------------------------------- VM --
-def task_sample(pid):
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                comm = f.read().strip()
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                ns = int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-        out[tid] = (comm, ns)
-    return out
-
-
 def thread_class(comm):
     if re.fullmatch(r"(kite-)?vcpu\d+", comm):
         return "vcpu"
@@ -180,21 +124,9 @@ def thread_class(comm):
 def delta(a, b):
     """Per-class on-CPU ns between samples a and b (threads born in between count from 0)."""
     out = {"vcpu": 0, "dev": 0, "other": 0}
-    for tid, (comm, ns) in b.items():
-        out[thread_class(comm)] += ns - a.get(tid, (comm, 0))[1]
+    for tid, (comm, ns, _) in b.items():
+        out[thread_class(comm)] += ns - a.get(tid, (comm, 0, 0))[1]
     return out
-
-
-def parse_kv(rest):
-    kv = {}
-    for tok in rest.split():
-        if "=" in tok:
-            k, v = tok.split("=", 1)
-            try:
-                kv[k] = float(v)
-            except ValueError:
-                kv[k] = v
-    return kv
 
 
 def settle_data_file(path):
@@ -281,7 +213,7 @@ def run_vm(vmm, binary, mode, args, initrd, script_img, data, timeout, logdir):
     state["done"] = True
     wall = time.monotonic() - t0
     threads = {}
-    for tid, (comm, ns) in state["last"].items():
+    for tid, (comm, ns, _) in state["last"].items():
         threads[comm] = threads.get(comm, 0) + ns
     run = {"vmm": vmm, "mode": mode, "rc": p.returncode, "wall": wall, "jobs": jobs,
            "fails": fails, "info": info, "log": logpath,
@@ -302,15 +234,6 @@ def run_vm(vmm, binary, mode, args, initrd, script_img, data, timeout, logdir):
 
 
 # ------------------------------------------------------------------ table --
-def med(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def fmt(v, spec, width):
-    return f"{v:{width}{spec}}" if v is not None else f"{'-':>{width}}"
-
-
 def mbs(bw_kib):
     return None if bw_kib is None else bw_kib * 1024 / 1e6
 

@@ -21,19 +21,19 @@
 Exits 1 if any run or job failed.
 """
 import argparse
-import importlib.util
 import json
 import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from benchlib import fmt, log, med, overlay_initramfs, parse_kv, shared_libraries, task_sample  # noqa: E402
 NET_ID = "bnet"  # id of the NIC: kite names its threads net<q>-bnet, CH bnet_qp<q>
 HOST_IP, GUEST_IP, PREFIX = "10.201.1.1", "10.201.1.2", 24
 PORTS = {"IPERF_TX_PORT": 5201, "IPERF_RX_PORT": 5202, "NC_SINK_PORT": 6001,
@@ -45,54 +45,17 @@ JOB_TITLES = {"iperf-tx": "guest->host", "iperf-rx": "host->guest",
               "nc-tx": "guest->host", "nc-rx": "host->guest"}
 
 
-def _bench_block():
-    """scripts/bench-block/bench.py as a module (for its cpio writer)."""
-    path = os.path.join(HERE, "..", "bench-block", "bench.py")
-    spec = importlib.util.spec_from_file_location("bench_block", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-newc = _bench_block().newc
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------- overlay --
 def build_initramfs(base, work):
     """Stock initramfs + an uncompressed overlay with iperf3, its libraries and the loader."""
     iperf = shutil.which("iperf3")
     if not iperf:
         raise SystemExit("bench-net: iperf3 is not installed on the host")
-    ldd = subprocess.run(["ldd", iperf], check=True, capture_output=True, text=True).stdout
-    libs = sorted(set(re.findall(r"(/\S+)\s+\(0x", ldd)))
+    libs = shared_libraries(iperf)
     files = {"/usr/bin/iperf3": iperf}
-    for lib in libs:
-        files[lib] = lib
-    dirs = set()
-    for path in files:
-        d = os.path.dirname(path)
-        while d not in ("/", ""):
-            dirs.add(d)
-            d = os.path.dirname(d)
-    entries = [(d.lstrip("/"), 0o040755, b"") for d in sorted(dirs)]
-    total = 0
-    for path, src in sorted(files.items()):
-        with open(os.path.realpath(src), "rb") as f:
-            data = f.read()
-        total += len(data)
-        entries.append((path.lstrip("/"), 0o100755, data))
-    with open(base, "rb") as f:
-        data = bytearray(f.read())
-    data.extend(b"\0" * (-len(data) % 4))
-    data.extend(newc(entries))
+    files.update((lib, lib) for lib in libs)
     out = os.path.join(work, "initrd-iperf3.cpio")
-    with open(out + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(out + ".tmp", out)
+    total = overlay_initramfs(base, out, files)
     ver = subprocess.run([iperf, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     return out, ver.strip(), len(libs), total
 
@@ -152,29 +115,6 @@ for t in ts: t.join()
 
 
 # ------------------------------------------------------------------- VM --
-def task_sample(pid):
-    """tid -> (comm, on-CPU ns, context switches)."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            base = f"/proc/{pid}/task/{tid}"
-            with open(f"{base}/comm") as f:
-                comm = f.read().strip()
-            with open(f"{base}/schedstat") as f:
-                ns = int(f.read().split()[0])
-            with open(f"{base}/status") as f:
-                status = f.read()
-            cs = sum(int(v) for v in re.findall(r"ctxt_switches:\s+(\d+)", status))
-        except (OSError, ValueError, IndexError):
-            continue
-        out[tid] = (comm, ns, cs)
-    return out
-
-
 def thread_class(comm):
     if re.fullmatch(r"(kite-)?vcpu\d+", comm):
         return "vcpu"
@@ -193,18 +133,6 @@ def delta(a, b):
         if cls == "net":
             out["net_cs"] += cs - old[2]
     return out
-
-
-def parse_kv(rest):
-    kv = {}
-    for tok in rest.split():
-        if "=" in tok:
-            k, v = tok.split("=", 1)
-            try:
-                kv[k] = float(v)
-            except ValueError:
-                kv[k] = v
-    return kv
 
 
 def iperf_result(path, reverse):
@@ -376,15 +304,6 @@ def veth_iperf(runtime, parallel, reverse):
 
 
 # ------------------------------------------------------------------ table --
-def med(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def fmt(v, spec, width):
-    return f"{v:{width}{spec}}" if v is not None else f"{'-':>{width}}"
-
-
 def job_stats(runs, job):
     """Median over rounds of one job's numbers."""
     js = [r["jobs"].get(job, {}) for r in runs]
