@@ -4,9 +4,12 @@ of the VMM's per-thread CPU time, and the helpers of their console protocol
 and tables."""
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
+import time
 
 
 def log(*a):
@@ -111,3 +114,93 @@ def med(vals):
 
 def fmt(v, spec, width):
     return f"{v:{width}{spec}}" if v is not None else f"{'-':>{width}}"
+
+
+# ---------------------------------------------------------------- console --
+def run_guest(what, cmd, logpath, errpath, timeout, delta):
+    """Runs a VMM command line whose guest speaks the benchmarks' console
+    protocol, one line each:
+      BENCH-BEGIN <job> / BENCH-END <job>   the VMM's threads are sampled
+                                            there; delta(begin, end) -> "cpu"
+      BENCH <job> k=v ...                   the job's numbers
+      BENCH-FAIL <what>, BENCH-DONE         failures; the guest finished
+      BENCH-ENGINE <text>, BENCH-DEV <text> facts for the report
+    The console goes to `logpath` (other lines only there), stderr to
+    `errpath`; the VMM is killed after `timeout` s. Returns the run: rc,
+    wall, jobs, fails, info, threads (on-CPU ns per thread name), the
+    process's CPU from wait4, ok; on failure the console's tail is logged."""
+    t0 = time.monotonic()
+    with open(errpath, "w") as err:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=err, start_new_session=True)
+    lock = threading.Lock()
+    last = {}  # newest sample of every thread seen, also those that exited
+    finished = threading.Event()
+    timed_out = threading.Event()
+
+    def sample():
+        s = task_sample(p.pid)
+        with lock:
+            last.update(s)
+        return s
+
+    def sampler():
+        while not finished.wait(0.1):
+            sample()
+
+    def killer():
+        if not finished.wait(timeout):
+            log(f"{what}: timeout after {timeout} s, killing")
+            timed_out.set()
+            os.killpg(p.pid, signal.SIGKILL)
+
+    threading.Thread(target=sampler, daemon=True).start()
+    threading.Thread(target=killer, daemon=True).start()
+    jobs, begins, lines, fails, info = {}, {}, [], [], {}
+    with open(logpath, "w") as lf:
+        for raw in p.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            lf.write(line + "\n")
+            lines.append(line)
+            m = re.match(r"(BENCH(?:-BEGIN|-END|-FAIL|-ENGINE|-DEV|-DONE)?)(?: (.*))?$", line)
+            if not m:
+                continue
+            tag, rest = m.group(1), m.group(2) or ""
+            if tag in ("BENCH-BEGIN", "BENCH-END"):
+                s = sample()
+                if tag == "BENCH-BEGIN":
+                    begins[rest] = (time.monotonic(), s)
+                elif rest in begins:
+                    bt, bs = begins[rest]
+                    jobs.setdefault(rest, {})["cpu"] = delta(bs, s)
+                    jobs[rest]["wall"] = time.monotonic() - bt
+            elif tag == "BENCH":
+                name, _, kv = rest.partition(" ")
+                jobs.setdefault(name, {}).update(parse_kv(kv))
+            elif tag == "BENCH-FAIL":
+                fails.append(rest)
+            elif tag == "BENCH-DONE":
+                info["done"] = True
+                sample()
+            else:
+                info[tag[len("BENCH-"):].lower()] = rest
+    _, status, ru = os.wait4(p.pid, 0)
+    finished.set()
+    rc = os.waitstatus_to_exitcode(status)
+    threads = {}
+    for comm, ns, _ in last.values():
+        threads[comm] = threads.get(comm, 0) + ns
+    ok = rc == 0 and info.get("done") and not fails and not timed_out.is_set()
+    run = {"rc": rc, "wall": time.monotonic() - t0, "jobs": jobs, "fails": fails,
+           "info": info, "log": logpath, "ok": bool(ok), "timeout": timed_out.is_set(),
+           "cpu_rusage_ns": int((ru.ru_utime + ru.ru_stime) * 1e9), "threads": threads}
+    if not ok:
+        log(f"{what} FAILED (exit {rc}, done={info.get('done')}, fails={fails}); "
+            f"last console lines ({logpath}):")
+        for line in lines[-15:]:
+            log("    " + line)
+        with open(errpath) as f:
+            tail = f.read()[-1500:]
+        if tail.strip():
+            log("  stderr: " + tail.replace("\n", "\n    "))
+    return run

@@ -19,15 +19,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from benchlib import fmt, log, med, overlay_initramfs, parse_kv, shared_libraries, task_sample  # noqa: E402
+from benchlib import fmt, log, med, overlay_initramfs, run_guest, shared_libraries  # noqa: E402
 
 DISK_ID = "bdata"  # id of the data disk: kite names its threads blk<q>-bdata, CH bdata_q<q>
 # (name, fio rw, block size KiB, queue depth)
@@ -151,85 +149,8 @@ def run_vm(vmm, binary, mode, args, initrd, script_img, data, timeout, logdir):
            "--disk", disk, "--serial", "tty", "--console", "off"]
     logpath = os.path.join(logdir, f"{vmm}-{mode}.log")
     errpath = os.path.join(logdir, f"{vmm}-{mode}.stderr")
-    t0 = time.monotonic()
-    with open(errpath, "w") as err:
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=err, start_new_session=True)
-    lock = threading.Lock()
-    state = {"last": {}, "done": False}
-
-    def sampler():
-        while not state["done"]:
-            s = task_sample(p.pid)
-            if s:
-                with lock:
-                    state["last"].update(s)  # keep threads that exited meanwhile
-            time.sleep(0.1)
-
-    def killer():
-        if not finished.wait(timeout):
-            log(f"bench-block: {vmm} {mode}: timeout after {timeout} s, killing")
-            state["timeout"] = True
-            os.killpg(p.pid, signal.SIGKILL)
-
-    finished = threading.Event()
-    threading.Thread(target=sampler, daemon=True).start()
-    threading.Thread(target=killer, daemon=True).start()
-    jobs, begins, lines, fails, info = {}, {}, [], [], {}
-    with open(logpath, "w") as lf:
-        for raw in p.stdout:
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            lf.write(line + "\n")
-            lines.append(line)
-            # BENCH-STAT lines (the guest's disk counters) stay in the log only.
-            m = re.match(r"(BENCH(?:-BEGIN|-END|-FAIL|-ENGINE|-DEV|-DONE)?)(?: (.*))?$", line)
-            if not m:
-                continue
-            tag, rest = m.group(1), m.group(2) or ""
-            if tag in ("BENCH-BEGIN", "BENCH-END"):
-                s = task_sample(p.pid)
-                with lock:
-                    state["last"].update(s)
-                if tag == "BENCH-BEGIN":
-                    begins[rest] = (time.monotonic(), s)
-                elif rest in begins:
-                    bt, bs = begins[rest]
-                    jobs.setdefault(rest, {})["cpu"] = delta(bs, s)
-                    jobs[rest]["wall"] = time.monotonic() - bt
-            elif tag == "BENCH":
-                name, _, kv = rest.partition(" ")
-                jobs.setdefault(name, {}).update(parse_kv(kv))
-            elif tag == "BENCH-FAIL":
-                fails.append(rest)
-            elif tag == "BENCH-ENGINE":
-                info["engine"] = rest
-            elif tag == "BENCH-DEV":
-                info["dev"] = rest
-            elif tag == "BENCH-DONE":
-                info["done"] = True
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    finished.set()
-    state["done"] = True
-    wall = time.monotonic() - t0
-    threads = {}
-    for tid, (comm, ns, _) in state["last"].items():
-        threads[comm] = threads.get(comm, 0) + ns
-    run = {"vmm": vmm, "mode": mode, "rc": p.returncode, "wall": wall, "jobs": jobs,
-           "fails": fails, "info": info, "log": logpath,
-           "cpu_rusage_ns": int((ru.ru_utime + ru.ru_stime) * 1e9), "threads": threads,
-           "timeout": state.get("timeout", False)}
-    ok = p.returncode == 0 and info.get("done") and not fails and not run["timeout"]
-    run["ok"] = bool(ok)
-    if not ok:
-        log(f"bench-block: {vmm} {mode} FAILED (exit {p.returncode}, done={info.get('done')}, "
-            f"fails={fails}); last console lines ({logpath}):")
-        for line in lines[-15:]:
-            log("    " + line)
-        with open(errpath) as f:
-            tail = f.read()[-1500:]
-        if tail.strip():
-            log("  stderr: " + tail.replace("\n", "\n    "))
+    run = run_guest(f"bench-block: {vmm} {mode}", cmd, logpath, errpath, timeout, delta)
+    run.update(vmm=vmm, mode=mode)
     return run
 
 

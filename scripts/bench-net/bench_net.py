@@ -25,15 +25,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from benchlib import fmt, log, med, overlay_initramfs, parse_kv, shared_libraries, task_sample  # noqa: E402
+from benchlib import fmt, log, med, overlay_initramfs, run_guest, shared_libraries  # noqa: E402
 NET_ID = "bnet"  # id of the NIC: kite names its threads net<q>-bnet, CH bnet_qp<q>
 HOST_IP, GUEST_IP, PREFIX = "10.201.1.1", "10.201.1.2", 24
 PORTS = {"IPERF_TX_PORT": 5201, "IPERF_RX_PORT": 5202, "NC_SINK_PORT": 6001,
@@ -205,72 +203,11 @@ def run_vm(vmm, binary, mode, args, initrd, script_img, logdir, timeout):
 
 
 def console_run(vmm, mode, cmd, logdir, tag, timeout):
+    # `ip netns exec` execs the VMM: the process run_guest starts is the VMM.
     logpath = os.path.join(logdir, f"{tag}.log")
     errpath = os.path.join(logdir, f"{tag}.stderr")
-    t0 = time.monotonic()
-    with open(errpath, "w") as err:
-        # `ip netns exec` execs the VMM: p.pid is the VMM's.
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=err, start_new_session=True)
-    finished = threading.Event()
-    state = {"timeout": False}
-
-    def killer():
-        if not finished.wait(timeout):
-            log(f"bench-net: {tag}: timeout after {timeout} s, killing")
-            state["timeout"] = True
-            os.killpg(p.pid, signal.SIGKILL)
-
-    threading.Thread(target=killer, daemon=True).start()
-    last = {}
-    jobs, begins, lines, fails, info = {}, {}, [], [], {}
-    with open(logpath, "w") as lf:
-        for raw in p.stdout:
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            lf.write(line + "\n")
-            lines.append(line)
-            m = re.match(r"(BENCH(?:-BEGIN|-END|-FAIL|-DEV|-DONE)?) ?(.*)$", line)
-            if not m:
-                continue
-            t, rest = m.groups()
-            if t in ("BENCH-BEGIN", "BENCH-END"):
-                s = task_sample(p.pid)
-                last.update(s)
-                if t == "BENCH-BEGIN":
-                    begins[rest] = (time.monotonic(), s)
-                elif rest in begins:
-                    bt, bs = begins[rest]
-                    jobs.setdefault(rest, {})["cpu"] = delta(bs, s)
-                    jobs[rest]["wall"] = time.monotonic() - bt
-            elif t == "BENCH":
-                name, _, kv = rest.partition(" ")
-                jobs.setdefault(name, {}).update(parse_kv(kv))
-            elif t == "BENCH-FAIL":
-                fails.append(rest)
-            elif t == "BENCH-DEV":
-                info["dev"] = rest
-            elif t == "BENCH-DONE":
-                info["done"] = True
-                last.update(task_sample(p.pid))
-    _, status, ru = os.wait4(p.pid, 0)
-    rc = os.waitstatus_to_exitcode(status)
-    finished.set()
-    threads = {}
-    for comm, ns, _ in last.values():
-        threads[comm] = threads.get(comm, 0) + ns
-    ok = rc == 0 and info.get("done") and not fails and not state["timeout"]
-    run = {"vmm": vmm, "mode": mode, "rc": rc, "wall": time.monotonic() - t0, "jobs": jobs,
-           "fails": fails, "info": info, "log": logpath, "ok": bool(ok),
-           "cpu_rusage_ns": int((ru.ru_utime + ru.ru_stime) * 1e9), "threads": threads}
-    if not ok:
-        log(f"bench-net: {tag} FAILED (exit {rc}, done={info.get('done')}, fails={fails}); "
-            f"last console lines ({logpath}):")
-        for line in lines[-15:]:
-            log("    " + line)
-        with open(errpath) as f:
-            tail = f.read()[-1500:]
-        if tail.strip():
-            log("  stderr: " + tail.replace("\n", "\n    "))
+    run = run_guest(f"bench-net: {tag}", cmd, logpath, errpath, timeout, delta)
+    run.update(vmm=vmm, mode=mode)
     return run
 
 
