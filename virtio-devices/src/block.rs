@@ -315,13 +315,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get(o).copied())
-                .unwrap_or(0);
-        }
+        crate::device::read_config_bytes(&self.config, offset, data);
     }
 
     // The only writable field, writeback, needs VIRTIO_BLK_F_CONFIG_WCE,

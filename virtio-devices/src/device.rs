@@ -61,3 +61,30 @@ pub trait VirtioDevice: Send {
         BTreeMap::new()
     }
 }
+
+/// Reads a device's configuration space, `config`, at `offset` into `data`:
+/// bytes past its end (or at an offset no slice reaches) read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_config_bytes;
+
+    #[test]
+    fn config_reads_past_the_end_are_zero() {
+        let config = [1, 2, 3];
+        let mut d = [9; 4];
+        read_config_bytes(&config, 1, &mut d);
+        assert_eq!(d, [2, 3, 0, 0]);
+        read_config_bytes(&config, u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+}
