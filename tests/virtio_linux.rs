@@ -1341,6 +1341,31 @@ fn assert_refused(reply: (u16, String), needles: &[&str], what: &str) {
     }
 }
 
+/// Starts kite from the command line with `disk`, which it must refuse
+/// with an error naming the file; returns that error output.
+fn cli_refuses_disk(disk: &Path, what: &str) -> String {
+    let guest = linux_guest();
+    let arg = format!("path={}", disk.display());
+    let out = run_kite(
+        &[
+            "--kernel",
+            guest.vmlinux.to_str().unwrap(),
+            "--disk",
+            &arg,
+            "--serial",
+            "null",
+        ],
+        TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "kite booted with {what}:\n{stderr}");
+    assert!(
+        stderr.contains(disk.to_str().unwrap()),
+        "the CLI error does not name the disk ({what}):\n{stderr}"
+    );
+    stderr
+}
+
 /// A qcow2 header: magic, `version`, then `rest` (the big-endian fields
 /// from backing_file_offset on), in a 1 MiB file.
 fn qcow2_header(version: u32, rest: &[u8]) -> Vec<u8> {
@@ -1366,28 +1391,7 @@ fn missing_and_corrupt_images_are_refused() {
         "missing disk image",
     );
 
-    let guest = linux_guest();
-    let missing_arg = format!("path={}", missing.display());
-    let out = run_kite(
-        &[
-            "--kernel",
-            guest.vmlinux.to_str().unwrap(),
-            "--disk",
-            &missing_arg,
-            "--serial",
-            "null",
-        ],
-        TIMEOUT,
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "kite booted with a missing disk:\n{stderr}"
-    );
-    assert!(
-        stderr.contains(missing.to_str().unwrap()),
-        "the CLI error does not name the disk:\n{stderr}"
-    );
+    cli_refuses_disk(&missing, "a missing disk");
 
     // Valid magic, garbage after it.
     let garbage = dir.path("garbage.qcow2");
@@ -1428,24 +1432,7 @@ fn missing_and_corrupt_images_are_refused() {
             "kite stopped serving after {p}"
         );
     }
-    let garbage_arg = format!("path={}", garbage.display());
-    let out = run_kite(
-        &[
-            "--kernel",
-            guest.vmlinux.to_str().unwrap(),
-            "--disk",
-            &garbage_arg,
-            "--serial",
-            "null",
-        ],
-        TIMEOUT,
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "kite booted with a corrupt qcow2:\n{stderr}"
-    );
-    assert!(stderr.contains(garbage.to_str().unwrap()), "{stderr}");
+    cli_refuses_disk(&garbage, "a corrupt qcow2");
     // Nothing was written to the refused images.
     assert_eq!(fs::read(&garbage).unwrap(), qcow2_header(3, &[0xff; 200]));
 }
@@ -1506,28 +1493,8 @@ fn an_image_in_use_is_locked() {
     second.put_ok("vm.delete", None);
 
     // The CLI refuses too, naming the file.
-    let guest = linux_guest();
-    let arg = format!("path={}", disk.display());
-    let out = run_kite(
-        &[
-            "--kernel",
-            guest.vmlinux.to_str().unwrap(),
-            "--disk",
-            &arg,
-            "--serial",
-            "null",
-        ],
-        TIMEOUT,
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "a second kite opened a locked image:\n{stderr}"
-    );
-    assert!(
-        stderr.contains("locked") && stderr.contains(disk.to_str().unwrap()),
-        "{stderr}"
-    );
+    let stderr = cli_refuses_disk(&disk, "a locked image");
+    assert!(stderr.contains("locked"), "{stderr}");
 
     // Deleting the VM releases the locks.
     first.put_ok("vm.delete", None);
