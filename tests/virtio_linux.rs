@@ -836,20 +836,6 @@ fn api_config(serial: &Path, cpus: u8, disks: Value) -> Value {
     v
 }
 
-/// `vm.counters` as JSON.
-fn counters(kite: &Kite) -> Value {
-    let (code, body) = kite.api("GET", "vm.counters", None);
-    assert_eq!(code, 200, "vm.counters: {body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-#[track_caller]
-fn counter(c: &Value, device: &str, name: &str) -> u64 {
-    c[device][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {device}.{name} in {c}"))
-}
-
 /// Shell: opens the power button's event device. Run it before telling the
 /// host to press the button, so the event cannot be missed.
 const OPEN_BUTTON: &str = "exec 4</dev/input/event0\n";
@@ -883,7 +869,7 @@ echo KITE-RNG-DONE
     kite.put_ok("vm.boot", None);
 
     let out = wait_for_file(&serial, "KITE-RNG-WAIT\r\n", TIMEOUT);
-    let before = counters(&kite);
+    let before = kite.counters();
     assert!(
         expect_field(&out, "KITE-RNG-CURRENT: ").contains("virtio"),
         "hw_random does not use virtio-rng:\n{out}"
@@ -903,7 +889,7 @@ echo KITE-RNG-DONE
     kite.put_ok("vm.power-button", None);
     let out = wait_for_file(&serial, "KITE-RNG-DONE\r\n", TIMEOUT);
     assert_eq!(expect_field(&out, "KITE-RNG-4K: "), "4096", "{out}");
-    let after = counters(&kite);
+    let after = kite.counters();
     let grown =
         counter(&after, "__rng", "entropy_bytes") - counter(&before, "__rng", "entropy_bytes");
     assert!(
@@ -1221,10 +1207,10 @@ echo KITE-IO-DONE
     kite.put_ok("vm.boot", None);
 
     let out = wait_for_file(&serial, "KITE-IO-READY\r\n", TIMEOUT);
-    let before = counters(&kite);
+    let before = kite.counters();
     kite.put_ok("vm.power-button", None);
     let out_done = wait_for_file(&serial, "KITE-IO-DONE\r\n", TIMEOUT);
-    let after = counters(&kite);
+    let after = kite.counters();
     assert!(!out_done.contains("KITE-READ-FAILED"), "{out_done}");
     assert_writes_ok(&out_done);
 

@@ -978,20 +978,6 @@ fn api_config(serial: &Path, disk: &Path, net: Value) -> Value {
     v
 }
 
-/// `vm.counters` as JSON.
-fn counters(kite: &Kite) -> Value {
-    let (code, body) = kite.api("GET", "vm.counters", None);
-    assert_eq!(code, 200, "vm.counters: {body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-#[track_caller]
-fn counter(c: &Value, device: &str, name: &str) -> u64 {
-    c[device][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {device}.{name} in {c}"))
-}
-
 #[test]
 fn counters_and_device_tree_via_the_api() {
     let ns = NetNs::new();
@@ -1029,10 +1015,10 @@ while true; do $B sleep 1; done
     kite.put_ok("vm.boot", None);
     let out = wait_for_file(&serial, "KITE-NET-READY\r\n", TIMEOUT);
     assert_setup_ok(&out);
-    let before = counters(&kite);
+    let before = kite.counters();
     kite.put_ok("vm.power-button", None);
     let out = wait_for_file(&serial, "KITE-XFER-DONE\r\n", TIMEOUT);
-    let after = counters(&kite);
+    let after = kite.counters();
     join("host to guest", server);
     let echoed = join("guest to host", sink);
     assert_eq!(expect_field(&out, "KITE-SIZE: "), size.to_string(), "{out}");

@@ -270,6 +270,13 @@ impl Kite {
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         wait_child(&mut self.child, timeout)
     }
+
+    /// `vm.counters` as JSON.
+    pub fn counters(&self) -> serde_json::Value {
+        let (code, body) = self.api("GET", "vm.counters", None);
+        assert_eq!(code, 200, "vm.counters: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
 }
 
 impl Drop for Kite {
@@ -463,4 +470,12 @@ pub fn open_pty() -> (OwnedFd, OwnedFd) {
             OwnedFd::from_raw_fd(slave_fd),
         )
     }
+}
+
+/// One device counter out of [`Kite::counters`].
+#[track_caller]
+pub fn counter(c: &serde_json::Value, device: &str, name: &str) -> u64 {
+    c[device][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {device}.{name} in {c}"))
 }
