@@ -10,7 +10,6 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -413,29 +412,6 @@ fn pause_and_resume() {
 
     kite.put_ok("vm.shutdown", None);
     kite.wait_state("Shutdown", TIMEOUT);
-}
-
-/// Waits until the output after byte `from` satisfies `pred`; returns the
-/// length of the output then.
-fn wait_output(
-    buf: &Mutex<Vec<u8>>,
-    from: usize,
-    pred: impl Fn(&str) -> bool,
-    what: &str,
-) -> usize {
-    let start = Instant::now();
-    loop {
-        let data = buf.lock().unwrap().clone();
-        let text = String::from_utf8_lossy(&data[from.min(data.len())..]).to_string();
-        if pred(&text) {
-            return data.len();
-        }
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "no {what} on the console after {TIMEOUT:?}; output:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]

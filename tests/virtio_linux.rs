@@ -15,7 +15,6 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -983,24 +982,6 @@ fn kernel_console_on_hvc0() {
     );
 }
 
-/// Waits until the output after byte `from` contains `needle`; returns the
-/// length of the output then.
-fn wait_pty(buf: &Mutex<Vec<u8>>, from: usize, needle: &str) -> usize {
-    let start = Instant::now();
-    loop {
-        let data = buf.lock().unwrap().clone();
-        let text = String::from_utf8_lossy(&data[from.min(data.len())..]).to_string();
-        if text.contains(needle) {
-            return data.len();
-        }
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "no {needle:?} on the pty after {TIMEOUT:?}; output:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn virtio_console_interactive_on_a_pty() {
     let guest = linux_guest();
@@ -1036,13 +1017,13 @@ fn virtio_console_interactive_on_a_pty() {
     let (buf, reader) = pty_reader(master);
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let at = wait_pty(&buf, 0, "KITE-HVC-READY");
+        let at = wait_output(&buf, 0, |t| t.contains("KITE-HVC-READY"), "KITE-HVC-READY");
         writer.write_all(b"echo kite-$((6*7))-hvc\n").unwrap();
-        let at = wait_pty(&buf, at, "kite-42-hvc");
+        let at = wait_output(&buf, at, |t| t.contains("kite-42-hvc"), "kite-42-hvc");
         writer
             .write_all(b"echo \"KITE-CPUS-$(/bin/busybox nproc)\"\n")
             .unwrap();
-        wait_pty(&buf, at, "KITE-CPUS-1");
+        wait_output(&buf, at, |t| t.contains("KITE-CPUS-1"), "KITE-CPUS-1");
         writer.write_all(b"exit\n").unwrap();
         wait_child(&mut child, TIMEOUT)
     }));

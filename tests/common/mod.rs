@@ -433,6 +433,29 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// Waits until the output after byte `from` satisfies `pred`; returns the
+/// length of the output then.
+pub fn wait_output(
+    buf: &Mutex<Vec<u8>>,
+    from: usize,
+    pred: impl Fn(&str) -> bool,
+    what: &str,
+) -> usize {
+    let start = Instant::now();
+    loop {
+        let data = buf.lock().unwrap().clone();
+        let text = String::from_utf8_lossy(&data[from.min(data.len())..]).to_string();
+        if pred(&text) {
+            return data.len();
+        }
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "no {what} on the console after {BOOT_TIMEOUT:?}; output:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Reads everything from a pty master into a shared buffer until EIO/EOF.
 pub fn pty_reader(mut master: fs::File) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
