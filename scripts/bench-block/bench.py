@@ -21,7 +21,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -36,10 +35,6 @@ DD_JOBS = ["dd-read-128k", "dd-write-128k", "dd-read-4k"]
 # Cloud Hypervisor v53, this guest, busybox dd, direct I/O, raw file, on a dev machine (the issue).
 DD_REFERENCE_MBS = {"dd-read-128k": (180, 215), "dd-write-128k": (275, 335), "dd-read-4k": (9, 15)}
 DD_REFERENCE_IOPS = {"dd-read-4k": (2300, 3800)}
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
 
 
 def fio_jobs(qd_high):
