@@ -45,20 +45,8 @@
 #define BIG_CHUNK   0x4000u
 #define RXBUF_ADDR  0x220000u       /* receive buffers */
 
-/* One virtqueue: rings at fixed addresses, our indices. */
-struct vq {
-    u32 base; /* descriptors at base, avail at +0x1000, used at +0x2000 */
-    u32 notify;
-    u16 avail_idx;
-    u16 used_seen;
-};
-
-static struct vq rxq = {0x200000u, 0, 0, 0};
-static struct vq txq = {0x204000u, 0, 0, 0};
-
-#define DESC(q)  ((volatile struct desc *)(q)->base)
-#define AVAIL(q) ((volatile struct avail *)((q)->base + 0x1000))
-#define USED(q)  ((volatile struct used *)((q)->base + 0x2000))
+static struct vq rxq = {.base = 0x200000u};
+static struct vq txq = {.base = 0x204000u};
 
 static int find_device(void)
 {
@@ -66,14 +54,8 @@ static int find_device(void)
         u32 id = cfg_read(slot, 0);
         if (id != (VIRTIO_NET_ID << 16 | VIRTIO_VENDOR))
             continue;
-        u32 lo = cfg_read(slot, 0x10), hi = cfg_read(slot, 0x14);
-        if ((lo & 0x6) != 0x4 || hi != 0) {
-            puts_("BAR0 not a 64-bit BAR below 4 GiB\n");
+        if (!map_bar0(slot))
             return 0;
-        }
-        bar = lo & ~0xfu;
-        u32 cmd = cfg_read(slot, 0x04) & 0xffff;
-        cfg_write(slot, 0x04, cmd | 0x6); /* memory space | bus master */
         puts_("VIRTIO-NET slot ");
         put_dec(slot);
         puts_(" bar ");
@@ -84,48 +66,28 @@ static int find_device(void)
     return 0;
 }
 
-static void clear(u32 addr, u32 len)
-{
-    void *p = (void *)addr;
-    u32 n = len / 4;
-    __asm__ volatile("rep stosl" : "+D"(p), "+c"(n) : "a"(0) : "memory");
-}
-
 static void queue_setup(u16 index, struct vq *q)
 {
-    clear(q->base, 0x3000);
+    fill(q->base, 0, 0x3000);
+    q->size = QSIZE;
     q->avail_idx = 0;
     q->used_seen = 0;
     w16(C_QSELECT, index);
-    w16(C_QSIZE, QSIZE);
-    w16(C_QMSIX, 0xffff);
-    w64(C_QDESC, q->base);
-    w64(C_QAVAIL, q->base + 0x1000);
-    w64(C_QUSED, q->base + 0x2000);
-    w16(C_QENABLE, 1);
-    q->notify = bar + BAR_NOTIFY + (u32)r16(C_QNOTIFY) * NOTIFY_MULT;
+    q->notify = queue_enable(QSIZE, q->base, q->base + 0x1000, q->base + 0x2000);
 }
 
 static u8 setup(void)
 {
-    w8(C_STATUS, 0);
-    for (int i = 0; i < 1000 && r8(C_STATUS) != 0; i++)
-        cpu_relax();
-    w8(C_STATUS, S_ACK);
-    w8(C_STATUS, S_ACK | S_DRIVER);
-    w32(C_DFSELECT, 1);
-    u32 offered_hi = r32(C_DF);
-    w32(C_GFSELECT, 0);
-    w32(C_GF, 0);
-    w32(C_GFSELECT, 1);
-    w32(C_GF, (u32)(F_VERSION_1 >> 32));
+    reset_device();
+    u64 offered = init_start();
+    set_features(F_VERSION_1);
     w8(C_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
     queue_setup(0, &rxq);
     queue_setup(1, &txq);
     w8(C_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
     u8 got = r8(C_STATUS);
     puts_("SETUP offered-hi=");
-    put_hex(offered_hi);
+    put_hex(offered >> 32);
     puts_(" status=");
     put_hex(got);
     puts_("\n");
@@ -134,58 +96,25 @@ static u8 setup(void)
 
 static void d(struct vq *q, int i, u64 addr, u32 len, u16 flags, u16 next)
 {
-    volatile struct desc *t = DESC(q);
-    t[i].addr = addr;
-    t[i].len = len;
-    t[i].flags = flags;
-    t[i].next = next;
+    set_desc(VQ_DESC(q), i, addr, len, flags, next);
 }
-
-static void post(struct vq *q, u16 head)
-{
-    AVAIL(q)->ring[q->avail_idx % QSIZE] = head;
-    barrier();
-    q->avail_idx++;
-    AVAIL(q)->idx = q->avail_idx;
-    barrier();
-}
-
-static void notify(struct vq *q) { *(volatile u16 *)q->notify = 0; }
 
 /* Waits for the next used entry of `q` and prints it as `kind name`. */
-static int wait_used(struct vq *q, const char *kind, const char *name, int head, u64 timeout)
+static void wait_used(struct vq *q, const char *kind, const char *name, int head, u64 timeout)
 {
-    u64 start = rdtsc();
-    while (USED(q)->idx == q->used_seen) {
-        if (rdtsc() - start > timeout) {
-            puts_("NO-COMPLETION ");
-            puts_(name);
-            puts_("\n");
-            return 0;
-        }
-        cpu_relax();
-    }
-    barrier();
-    volatile struct used_elem *e = &USED(q)->ring[q->used_seen % QSIZE];
-    u32 id = e->id, len = e->len;
-    q->used_seen++;
+    u32 id, len;
+    if (!vq_wait_used(q, name, timeout, &id, &len))
+        return;
     puts_(kind);
     puts_(name);
-    puts_(" len=");
-    put_dec(len);
-    if ((int)id != head) {
-        puts_(" id=");
-        put_dec(id);
-    }
-    puts_("\n");
-    return 1;
+    put_used(len, id, head);
 }
 
-static int tx(const char *name, int head)
+static void tx(const char *name, int head)
 {
-    post(&txq, (u16)head);
-    notify(&txq);
-    return wait_used(&txq, "TX ", name, head, TIMEOUT_CYCLES);
+    vq_post(&txq, (u16)head);
+    vq_notify(&txq);
+    wait_used(&txq, "TX ", name, head, TIMEOUT_CYCLES);
 }
 
 /* The frame: zero virtio_net_hdr, broadcast Ethernet frame of a local
@@ -194,7 +123,7 @@ static void make_frame(void)
 {
     static const u8 eth[14] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0x00,
                                0x00, 0x00, 0x00, 0x01, 0x88, 0xb5};
-    clear(FRAME_ADDR, 0x100);
+    fill(FRAME_ADDR, 0, 0x100);
     memcpy((void *)(FRAME_ADDR + HDR_LEN), eth, sizeof(eth));
     memcpy((void *)(FRAME_ADDR + HDR_LEN + 14), "KITE-NET-HOSTILE", 16);
 }
@@ -240,17 +169,17 @@ static void rx_cases(void)
     d(&rxq, 0, RXBUF_ADDR, 2048, 0, 0);      /* device-readable */
     d(&rxq, 1, HOLE, 2048, D_WRITE, 0);      /* outside RAM */
     d(&rxq, 2, RXBUF_ADDR + 0x1000, 4, D_WRITE, 0); /* smaller than the header */
-    post(&rxq, 0);
-    post(&rxq, 1);
-    post(&rxq, 2);
-    notify(&rxq);
+    vq_post(&rxq, 0);
+    vq_post(&rxq, 1);
+    vq_post(&rxq, 2);
+    vq_notify(&rxq);
     wait_used(&rxq, "RX ", "rx-readable", 0, 4 * TIMEOUT_CYCLES);
     wait_used(&rxq, "RX ", "rx-hole", 1, 4 * TIMEOUT_CYCLES);
     wait_used(&rxq, "RX ", "rx-tiny", 2, 4 * TIMEOUT_CYCLES);
 
     d(&rxq, 3, RXBUF_ADDR + 0x2000, 2048, D_WRITE, 0);
-    post(&rxq, 3);
-    notify(&rxq);
+    vq_post(&rxq, 3);
+    vq_notify(&rxq);
     wait_used(&rxq, "RX ", "rx-valid", 3, 4 * TIMEOUT_CYCLES);
 }
 

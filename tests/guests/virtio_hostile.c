@@ -131,7 +131,9 @@
 
 /* ---- guest-physical memory used (the image is at 1 MiB, far below) ---- */
 #define QSIZE       16
-#define DESC_ADDR   0x200000u       /* descriptor table, 16 * QSIZE bytes */
+/* Queue 0, laid out as struct vq expects: descriptor table (16 * QSIZE
+ * bytes), available ring, used ring. */
+#define DESC_ADDR   0x200000u
 #define AVAIL_ADDR  0x201000u
 #define USED_ADDR   0x202000u
 #define HDR_ADDR    0x203000u       /* request header */
@@ -142,25 +144,9 @@
 #define BUF_LEN     0x400u          /* the most any request here moves */
 #define SECTOR      512
 
-#define DESC   ((volatile struct desc *)DESC_ADDR)
-#define AVAIL  ((volatile struct avail *)AVAIL_ADDR)
-#define USED   ((volatile struct used *)USED_ADDR)
 #define IND    ((volatile struct desc *)IND_ADDR)
 #define STATUS (*(volatile u8 *)STATUS_ADDR)
 #define BYTES(a) ((volatile u8 *)(a))
-
-/* Fills `len` bytes (a multiple of 4) at `addr` (4-aligned) with `value`.
- * Speed matters: on the development machines the ring-3 code of this
- * paging-off guest is not run natively but at about a million instructions
- * per second; `rep stosl` fills 4 KiB some 14 times faster than a loop
- * (measured: ~1 M against ~14 M TSC cycles), so buffers are small and
- * filled with it. */
-static void fill(u32 addr, u8 value, u32 len)
-{
-    void *p = (void *)addr;
-    u32 n = len / 4;
-    __asm__ volatile("rep stosl" : "+D"(p), "+c"(n) : "a"(value * 0x01010101u) : "memory");
-}
 
 static int all_bytes(u32 addr, u8 value, u32 len)
 {
@@ -193,23 +179,12 @@ static void check(const char *name, int ok)
     puts_(ok ? " OK\n" : " FAIL\n");
 }
 
-/* ---- the device's BAR ---------------------------------------------------- */
+/* ---- the device ---------------------------------------------------------- */
 
 static u32 blk_slot;    /* PCI slot of the virtio-blk function */
 static u32 other_bar;   /* BAR 0 of another virtio function (the rng), or 0 */
-static u32 notify_addr; /* queue 0's notification address */
 static u64 capacity;    /* sectors */
-static u16 qsize;       /* entries in queue 0 as set up */
-static u16 avail_idx;   /* our copy of avail.idx */
-static u16 used_seen;   /* used entries consumed so far */
-
-/* Writes 0 to device_status and waits for it to read back 0. */
-static void reset_device(void)
-{
-    w8(C_STATUS, 0);
-    for (int i = 0; i < 1000 && r8(C_STATUS) != 0; i++)
-        cpu_relax();
-}
+static struct vq q0 = {.base = DESC_ADDR}; /* queue 0, the only one used */
 
 /* Finds the virtio-blk function and turns on memory decoding and bus
  * mastering. Returns 0 if there is none. */
@@ -229,17 +204,9 @@ static int find_device(void)
             other_bar = cfg_read(slot, 0x10) & ~0xfu;
         if (id != (VIRTIO_BLK_ID << 16 | VIRTIO_VENDOR) || bar)
             continue;
-        u32 lo = cfg_read(slot, 0x10), hi = cfg_read(slot, 0x14);
-        if ((lo & 0x6) != 0x4 || hi != 0) {
-            puts_("BAR0 not a 64-bit BAR below 4 GiB: ");
-            put_hex((u64)hi << 32 | lo);
-            puts_("\n");
+        if (!map_bar0(slot))
             return 0;
-        }
-        bar = lo & ~0xfu;
         blk_slot = slot;
-        u32 cmd = cfg_read(slot, 0x04) & 0xffff;
-        cfg_write(slot, 0x04, cmd | 0x6); /* memory space | bus master */
         puts_("VIRTIO-BLK slot ");
         put_dec(slot);
         puts_(" bar ");
@@ -262,20 +229,12 @@ static u8 setup_with(const char *name, u64 features, u16 size, u64 desc, u64 ava
     fill(DESC_ADDR, 0, sizeof(struct desc) * QSIZE); /* descriptor table */
     fill(AVAIL_ADDR, 0, 0x100);                      /* available ring */
     fill(USED_ADDR, 0, 0x100);                       /* used ring */
-    avail_idx = 0;
-    used_seen = 0;
-    qsize = size;
+    q0.avail_idx = 0;
+    q0.used_seen = 0;
+    q0.size = size;
 
-    w8(C_STATUS, S_ACK);
-    w8(C_STATUS, S_ACK | S_DRIVER);
-    w32(C_DFSELECT, 0);
-    u64 offered = r32(C_DF);
-    w32(C_DFSELECT, 1);
-    offered |= (u64)r32(C_DF) << 32;
-    w32(C_GFSELECT, 0);
-    w32(C_GF, (u32)features);
-    w32(C_GFSELECT, 1);
-    w32(C_GF, (u32)(features >> 32));
+    u64 offered = init_start();
+    set_features(features);
     u8 status = S_ACK | S_DRIVER;
     if (ok_bits & S_FEATURES_OK) {
         w8(C_STATUS, status | S_FEATURES_OK);
@@ -292,13 +251,7 @@ static u8 setup_with(const char *name, u64 features, u16 size, u64 desc, u64 ava
     }
     w16(C_QSELECT, 0);
     u16 max = r16(C_QSIZE);
-    w16(C_QSIZE, size);
-    w16(C_QMSIX, 0xffff); /* no MSI-X vector: we poll */
-    w64(C_QDESC, desc);
-    w64(C_QAVAIL, avail);
-    w64(C_QUSED, used);
-    w16(C_QENABLE, 1);
-    notify_addr = bar + BAR_NOTIFY + (u32)r16(C_QNOTIFY) * NOTIFY_MULT;
+    q0.notify = queue_enable(size, desc, avail, used);
     w8(C_STATUS, status | (ok_bits & S_DRIVER_OK));
     u8 got = r8(C_STATUS);
     capacity = r32(BAR_DEVCFG) | (u64)r32(BAR_DEVCFG + 4) << 32;
@@ -324,15 +277,10 @@ static u8 setup(const char *name, u64 features)
 
 /* ---- requests ------------------------------------------------------------ */
 
-static void set_desc(volatile struct desc *table, int i, u64 addr, u32 len, u16 flags, u16 next)
+static void d(int i, u64 addr, u32 len, u16 flags, u16 next)
 {
-    table[i].addr = addr;
-    table[i].len = len;
-    table[i].flags = flags;
-    table[i].next = next;
+    set_desc(VQ_DESC(&q0), i, addr, len, flags, next);
 }
-
-static void d(int i, u64 addr, u32 len, u16 flags, u16 next) { set_desc(DESC, i, addr, len, flags, next); }
 
 static void header(u32 at, u32 type, u64 sector)
 {
@@ -355,73 +303,50 @@ static void begin(void)
     fill(RBUF_ADDR, 0xee, BUF_LEN);
 }
 
-static void notify(void) { *(volatile u16 *)notify_addr = 0; }
-
-/* Puts `head` in the available ring (unless head < 0) and kicks. */
-static void kick(int head)
-{
-    if (head >= 0) {
-        AVAIL->ring[avail_idx % qsize] = (u16)head;
-        barrier();
-        avail_idx++;
-        AVAIL->idx = avail_idx;
-        barrier();
-    }
-    notify();
-}
-
-/* Waits for the next used entry; returns 0 on timeout. */
-static int wait_used(u32 *id, u32 *len)
-{
-    u64 start = rdtsc();
-    while (USED->idx == used_seen) {
-        if (rdtsc() - start > TIMEOUT_CYCLES)
-            return 0;
-        cpu_relax();
-    }
-    barrier();
-    volatile struct used_elem *e = &USED->ring[used_seen % qsize];
-    *id = e->id;
-    *len = e->len;
-    used_seen++;
-    return 1;
-}
-
-/* Submits the chain at `head`, waits and prints REQ / NO-COMPLETION.
+/* Puts `head` in the available ring (unless head < 0: only a
+ * notification), notifies, waits and prints REQ / NO-COMPLETION.
  * Returns the status byte if completed, -1 otherwise. */
 static int run(const char *name, int head)
 {
     u32 id, len;
-    kick(head);
-    if (!wait_used(&id, &len)) {
-        puts_("NO-COMPLETION ");
-        puts_(name);
-        puts_("\n");
+    if (head >= 0)
+        vq_post(&q0, (u16)head);
+    vq_notify(&q0);
+    if (!vq_wait_used(&q0, name, TIMEOUT_CYCLES, &id, &len))
         return -1;
-    }
     u8 status = STATUS;
     puts_("REQ ");
     puts_(name);
     puts_(" status=");
     put_dec(status);
-    puts_(" len=");
-    put_dec(len);
-    if ((int)id != head) {
-        puts_(" id=");
-        put_dec(id);
-    }
-    puts_("\n");
+    put_used(len, id, head);
     return status;
 }
 
-/* header (readable) -> data (dflags) -> status (writable). */
+/* Into `table` from entry 0: header at HDR_ADDR (readable) -> data (dflags)
+ * -> status (writable). */
+static void chain(volatile struct desc *table, u64 data, u32 dlen, u16 dflags)
+{
+    set_desc(table, 0, HDR_ADDR, 16, D_NEXT, 1);
+    set_desc(table, 1, data, dlen, dflags | D_NEXT, 2);
+    set_desc(table, 2, STATUS_ADDR, 1, D_WRITE, 0);
+}
+
+/* A request of `type` on `sector` with one data descriptor. */
 static int simple(const char *name, u32 type, u64 sector, u64 data, u32 dlen, u16 dflags)
 {
     header(HDR_ADDR, type, sector);
-    d(0, HDR_ADDR, 16, D_NEXT, 1);
-    d(1, data, dlen, dflags | D_NEXT, 2);
-    d(2, STATUS_ADDR, 1, D_WRITE, 0);
+    chain(VQ_DESC(&q0), data, dlen, dflags);
     return run(name, 0);
+}
+
+/* Fresh state and a valid chain (descriptors 0-2) writing DATA to sector 3,
+ * for the caller to spoil one descriptor of. */
+static void begin_spoiled_write(void)
+{
+    begin();
+    header(HDR_ADDR, T_OUT, 3);
+    chain(VQ_DESC(&q0), DATA_ADDR, SECTOR, 0);
 }
 
 /* A sector holding `tag` followed by zeros, at DATA_ADDR. */
@@ -457,14 +382,14 @@ static void resync(const char *name)
     u64 start = rdtsc();
     while (rdtsc() - start < TIMEOUT_CYCLES / 4)
         cpu_relax();
-    u16 now = USED->idx;
-    if (now != used_seen) {
+    u16 now = VQ_USED(&q0)->idx;
+    if (now != q0.used_seen) {
         puts_("RESYNC ");
         puts_(name);
         puts_(" skipped=");
-        put_dec((u16)(now - used_seen));
+        put_dec((u16)(now - q0.used_seen));
         puts_("\n");
-        used_seen = now;
+        q0.used_seen = now;
     }
 }
 
@@ -476,11 +401,7 @@ static void case_a(void)
     valid_read("a-read");
 
     begin();
-    header(HDR_ADDR, T_GET_ID, 0);
-    d(0, HDR_ADDR, 16, D_NEXT, 1);
-    d(1, RBUF_ADDR, 20, D_WRITE | D_NEXT, 2);
-    d(2, STATUS_ADDR, 1, D_WRITE, 0);
-    run("a-getid", 0);
+    simple("a-getid", T_GET_ID, 0, RBUF_ADDR, 20, D_WRITE);
 
     begin();
     header(HDR_ADDR, T_FLUSH, 0);
@@ -503,10 +424,7 @@ static void case_b(void)
     run("b-loop", 0);
 
     /* header -> data -> status -> header -> ... */
-    begin();
-    header(HDR_ADDR, T_OUT, 3);
-    d(0, HDR_ADDR, 16, D_NEXT, 1);
-    d(1, DATA_ADDR, SECTOR, D_NEXT, 2);
+    begin_spoiled_write();
     d(2, STATUS_ADDR, 1, D_WRITE | D_NEXT, 0);
     run("b-loop-status", 0);
 
@@ -546,26 +464,18 @@ static void case_c(void)
     begin();
     simple("c-in-hole", T_IN, 0, HOLE, SECTOR, D_WRITE);
 
-    begin();
+    begin_spoiled_write();
     d(0, HOLE, 16, D_NEXT, 1);
-    d(1, DATA_ADDR, SECTOR, D_NEXT, 2);
-    d(2, STATUS_ADDR, 1, D_WRITE, 0);
     run("c-hdr-hole", 0);
 
-    begin();
-    header(HDR_ADDR, T_OUT, 3);
-    d(0, HDR_ADDR, 16, D_NEXT, 1);
-    d(1, DATA_ADDR, SECTOR, D_NEXT, 2);
+    begin_spoiled_write();
     d(2, HOLE, 1, D_WRITE, 0);
     run("c-status-hole", 0);
 }
 
 static void case_d(void)
 {
-    begin();
-    header(HDR_ADDR, T_OUT, 3);
-    d(0, HDR_ADDR, 16, D_NEXT, 1);
-    d(1, DATA_ADDR, SECTOR, D_NEXT, 2);
+    begin_spoiled_write();
     d(2, STATUS_ADDR, 1, 0, 0); /* status device-readable */
     run("d-status-readable", 0);
 
@@ -588,11 +498,8 @@ static void case_e(void)
 {
     /* 8-byte header: the device reads the sector from the data's first
      * 8 bytes ("HHHHHHHH", far outside the disk) and 504 bytes remain. */
-    begin();
-    header(HDR_ADDR, T_OUT, 3);
+    begin_spoiled_write();
     d(0, HDR_ADDR, 8, D_NEXT, 1);
-    d(1, DATA_ADDR, SECTOR, D_NEXT, 2);
-    d(2, STATUS_ADDR, 1, D_WRITE, 0);
     run("e-hdr-8", 0);
 
     begin();
@@ -654,13 +561,20 @@ static void case_g(void)
     }
 }
 
-/* A well-formed indirect table at IND_ADDR: header, data, status. */
-static void indirect_read_table(u32 type, u64 sector, u64 data)
+/* A well-formed indirect table at IND_ADDR: a read of sector 1 into RBUF. */
+static void indirect_read_table(void)
 {
-    header(HDR_ADDR, type, sector);
-    set_desc(IND, 0, HDR_ADDR, 16, D_NEXT, 1);
-    set_desc(IND, 1, data, SECTOR, D_WRITE | D_NEXT, 2);
-    set_desc(IND, 2, STATUS_ADDR, 1, D_WRITE, 0);
+    header(HDR_ADDR, T_IN, 1);
+    chain(IND, RBUF_ADDR, SECTOR, D_WRITE);
+}
+
+/* That read, through a descriptor that gives the table `len` bytes. */
+static int indirect_read(const char *name, u32 len)
+{
+    begin();
+    indirect_read_table();
+    d(0, IND_ADDR, len, D_INDIRECT, 0);
+    return run(name, 0);
 }
 
 /* Indirect cases, named h-* before INDIRECT_DESC is negotiated, h2-* after. */
@@ -673,38 +587,22 @@ static void indirect_cases(int negotiated)
     d(0, HOLE, 48, D_INDIRECT, 0);
     run(n_hole, 0);
 
-    begin();
-    indirect_read_table(T_IN, 1, RBUF_ADDR);
-    d(0, IND_ADDR, 40, D_INDIRECT, 0);
-    run(n_len40, 0);
+    indirect_read(n_len40, 40);
 
     if (!negotiated) {
-        begin();
-        indirect_read_table(T_IN, 1, RBUF_ADDR);
-        d(0, IND_ADDR, 48, D_INDIRECT, 0);
-        run("h-ind-unneg-valid", 0);
+        indirect_read("h-ind-unneg-valid", 48);
         return;
     }
 
-    begin();
-    indirect_read_table(T_IN, 1, RBUF_ADDR);
-    d(0, IND_ADDR, 48, D_INDIRECT, 0);
-    int s = run("h2-ind-valid", 0);
+    int s = indirect_read("h2-ind-valid", 48);
     check("h2-ind-valid",
           s == 0 && same(RBUF_ADDR, "KITE-GOOD-WRITE", 15) && all_bytes(RBUF_ADDR + 15, 0, SECTOR - 15));
 
-    begin();
-    indirect_read_table(T_IN, 1, RBUF_ADDR);
-    d(0, IND_ADDR, 0, D_INDIRECT, 0);
-    run("h2-ind-len0", 0);
+    indirect_read("h2-ind-len0", 0);
+    indirect_read("h2-ind-huge", 0xfffffff0u);
 
     begin();
-    indirect_read_table(T_IN, 1, RBUF_ADDR);
-    d(0, IND_ADDR, 0xfffffff0u, D_INDIRECT, 0);
-    run("h2-ind-huge", 0);
-
-    begin();
-    indirect_read_table(T_IN, 1, RBUF_ADDR);
+    indirect_read_table();
     set_desc(IND, 0, IND_ADDR + 0x100, 48, D_INDIRECT, 0); /* nested */
     d(0, IND_ADDR, 48, D_INDIRECT, 0);
     run("h2-ind-nested", 0);
@@ -718,9 +616,7 @@ static void indirect_cases(int negotiated)
 
     begin();
     header(HDR_ADDR, T_OUT, 3);
-    set_desc(IND, 0, HDR_ADDR, 16, D_NEXT, 1);
-    set_desc(IND, 1, HOLE, SECTOR, D_NEXT, 2);
-    set_desc(IND, 2, STATUS_ADDR, 1, D_WRITE, 0);
+    chain(IND, HOLE, SECTOR, 0);
     d(0, IND_ADDR, 48, D_INDIRECT, 0);
     run("h2-ind-data-hole", 0);
 }
@@ -729,8 +625,8 @@ static void case_i(void)
 {
     /* avail.idx jumps 1000 ahead; the ring holds nothing new. */
     begin();
-    avail_idx += 1000;
-    AVAIL->idx = avail_idx;
+    q0.avail_idx += 1000;
+    VQ_AVAIL(&q0)->idx = q0.avail_idx;
     barrier();
     run("i-avail-jump", -1);
     resync("i-avail-jump");
@@ -749,11 +645,7 @@ static void case_k(void)
                S_FEATURES_OK | S_DRIVER_OK);
     /* The device is not active: a request must not be served. */
     begin();
-    header(HDR_ADDR, T_IN, 1);
-    d(0, HDR_ADDR, 16, D_NEXT, 1);
-    d(1, RBUF_ADDR, SECTOR, D_WRITE | D_NEXT, 2);
-    d(2, STATUS_ADDR, 1, D_WRITE, 0);
-    run("k-inactive", 0);
+    simple("k-inactive", T_IN, 1, RBUF_ADDR, SECTOR, D_WRITE);
 
     setup_with("k-qsize-8000", F_VERSION_1, 0x8000, DESC_ADDR, AVAIL_ADDR, USED_ADDR,
                S_FEATURES_OK | S_DRIVER_OK);
@@ -772,11 +664,7 @@ static void case_k(void)
     setup_with("k-no-features-ok", F_VERSION_1, QSIZE, DESC_ADDR, AVAIL_ADDR, USED_ADDR,
                S_DRIVER_OK);
     begin();
-    header(HDR_ADDR, T_IN, 1);
-    d(0, HDR_ADDR, 16, D_NEXT, 1);
-    d(1, RBUF_ADDR, SECTOR, D_WRITE | D_NEXT, 2);
-    d(2, STATUS_ADDR, 1, D_WRITE, 0);
-    run("k-no-features-ok", 0);
+    simple("k-no-features-ok", T_IN, 1, RBUF_ADDR, SECTOR, D_WRITE);
     reset_device();
     puts_("RESET status=");
     put_hex(r8(C_STATUS));
@@ -812,7 +700,7 @@ static void case_l(void)
 static void use_bar(u32 addr)
 {
     bar = addr;
-    notify_addr = bar + BAR_NOTIFY + (u32)r16(C_QNOTIFY) * NOTIFY_MULT;
+    q0.notify = queue_notify_addr();
 }
 
 /* BAR 0 reprogrammed while memory decoding is on (a driver would turn it
