@@ -45,17 +45,33 @@ struct Instance {
     vm: Option<Vm>,
 }
 
-pub struct ControlLoop {
+/// Builds VMs on KVM, from a spare core when there is one.
+struct VmBuilder {
     kvm: Arc<Kvm>,
-    /// Made while there is no VM (API mode), taken by the next build.
-    spare: SpareVm,
+    /// What KVM supports, read once per process.
     cpuid: CpuId,
+    spare: SpareVm,
+    /// Memory size of the last VM built: the likely size of the next.
+    last_size: u64,
+    events: VmEventSender,
+}
+
+impl VmBuilder {
+    fn build(&mut self, config: &VmConfig, consoles: &Consoles) -> Result<Vm, VmError> {
+        let size = config.memory.size;
+        let core = self.spare.take(&self.kvm, size)?;
+        self.last_size = size;
+        Vm::new(core, &self.cpuid, config, consoles, self.events.clone())
+    }
+}
+
+pub struct ControlLoop {
+    builder: VmBuilder,
     epoll: Epoll,
     api_rx: Receiver<ApiRequest>,
     api_wake: Arc<EventFd>,
     event_rx: Receiver<VmEvent>,
     event_wake: Arc<EventFd>,
-    events: VmEventSender,
     instance: Option<Instance>,
     /// In CLI mode (no API) the process ends with the guest.
     exit_with_guest: bool,
@@ -88,20 +104,19 @@ impl ControlLoop {
                 )
                 .map_err(VmmError::Epoll)?;
         }
-        let mut spare = SpareVm::default();
-        if !exit_with_guest {
-            spare.prepare(&kvm);
-        }
         Ok(ControlLoop {
-            kvm,
-            spare,
-            cpuid,
+            builder: VmBuilder {
+                kvm,
+                cpuid,
+                spare: SpareVm::default(),
+                last_size: api::config::DEFAULT_MEMORY_SIZE,
+                events,
+            },
             epoll,
             api_rx,
             api_wake,
             event_rx,
             event_wake,
-            events,
             instance: None,
             exit_with_guest,
             stdin_registered: false,
@@ -112,6 +127,7 @@ impl ControlLoop {
     pub fn run(mut self) -> VmmExit {
         let mut ready = [EpollEvent::default(); 4];
         loop {
+            self.prepare_spare();
             let n = match self.epoll.wait(-1, &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -255,7 +271,6 @@ impl ControlLoop {
             ApiAction::VmDelete => {
                 self.teardown();
                 self.drain_vm_events();
-                self.spare.prepare(&self.kvm);
                 Ok(ApiResponse::Empty)
             }
         }
@@ -276,15 +291,10 @@ impl ControlLoop {
         crate::host::check_fits(&config).map_err(ApiError::BadRequest)?;
         let consoles = Consoles::open(&config.serial, &config.console)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let vm = build_vm(
-            &self.kvm,
-            &mut self.spare,
-            &self.cpuid,
-            &self.events,
-            &config,
-            &consoles,
-        )
-        .map_err(vm_api_error)?;
+        let vm = self
+            .builder
+            .build(&config, &consoles)
+            .map_err(vm_api_error)?;
         consoles
             .truncate()
             .map_err(|e| ApiError::Internal(format!("cannot empty a console output file: {e}")))?;
@@ -308,14 +318,7 @@ impl ControlLoop {
         )?;
         if inst.vm.is_none() {
             // Booting again after a shutdown: build a fresh machine.
-            let vm = build_vm(
-                &self.kvm,
-                &mut self.spare,
-                &self.cpuid,
-                &self.events,
-                &inst.config,
-                &inst.consoles,
-            );
+            let vm = self.builder.build(&inst.config, &inst.consoles);
             inst.vm = Some(vm.map_err(vm_api_error)?);
         }
         if let Some(vm) = inst.vm.as_mut() {
@@ -353,14 +356,7 @@ impl ControlLoop {
         let Some(inst) = self.instance.as_mut() else {
             return Ok(());
         };
-        let mut vm = build_vm(
-            &self.kvm,
-            &mut self.spare,
-            &self.cpuid,
-            &self.events,
-            &inst.config,
-            &inst.consoles,
-        )?;
+        let mut vm = self.builder.build(&inst.config, &inst.consoles)?;
         if !paused {
             vm.start()?;
         }
@@ -409,6 +405,17 @@ impl ControlLoop {
             }
         }
         None
+    }
+
+    /// Starts making a spare core for the next VM, sized like the last one,
+    /// when there is no VM to compete with (making one slows a booting
+    /// guest) and the VMM is not about to exit with its guest.
+    fn prepare_spare(&mut self) {
+        let live_vm = self.instance.as_ref().is_some_and(|i| i.vm.is_some());
+        if !self.exit_with_guest && !live_vm {
+            let b = &mut self.builder;
+            b.spare.prepare(&b.kvm, b.last_size);
+        }
     }
 
     /// Puts the terminal in raw mode for a tty console; COM1 reads stdin
@@ -473,18 +480,4 @@ fn instance_in<'a>(
         });
     }
     Ok(inst)
-}
-
-fn build_vm(
-    kvm: &Kvm,
-    spare: &mut SpareVm,
-    cpuid: &CpuId,
-    events: &VmEventSender,
-    config: &VmConfig,
-    consoles: &Consoles,
-) -> Result<Vm, VmError> {
-    let fd = spare
-        .take(kvm)
-        .map_err(crate::vm::kvm_err("create the KVM VM"))?;
-    Vm::new(fd, cpuid, config, consoles, events.clone())
 }

@@ -1,53 +1,110 @@
-//! A KVM VM made ahead of time, so that `vm.create` does not wait for
-//! KVM_CREATE_VM (a third of a millisecond or more: KVM sets up the VM's
-//! MMU and its kernel objects).
+//! A VM core ([`VmCore`]: the KVM VM, its memory slots, irqchip and vCPU 0)
+//! made ahead of time, so that `vm.create` does not wait for KVM. On these
+//! machines that is over half a millisecond: KVM_CREATE_VM sets up the MMU,
+//! a memory slot allocates its reverse maps, KVM_CREATE_VCPU its state.
 //!
-//! While the VMM has no VM, a thread creates an empty one (no memory, no
-//! irqchip, no vCPUs: nothing that depends on the config) and leaves it
-//! ready; building a VM takes it, or makes one on the spot when there is
-//! none. At most one spare exists, and none while a VM does.
+//! In API mode, whenever there is no VM, a thread makes one sized like the
+//! last VM (or for the default size): the next VM, a boot after
+//! `vm.shutdown` or a `vm.create` after `vm.delete`, most likely has the same.
+//! A core of another size is closed in the background and one made on the
+//! spot. A spare costs the kernel's share of an idle VM (mostly reverse maps,
+//! about 2 MiB per GiB of guest memory); its guest memory is never touched,
+//! so it adds nothing to the VMM's RSS.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::Kvm;
 
-/// A VM being made (or made) in the background.
+use crate::vm::{VmCore, VmError};
+
+/// A core being made (or made) in the background.
+struct Pending {
+    memory_size: u64,
+    thread: JoinHandle<Result<VmCore, VmError>>,
+}
+
 #[derive(Default)]
 pub struct SpareVm {
-    pending: Option<JoinHandle<Result<VmFd, kvm_ioctls::Error>>>,
+    pending: Option<Pending>,
 }
 
 impl SpareVm {
-    /// Starts making a spare unless one is on its way.
-    pub fn prepare(&mut self, kvm: &Arc<Kvm>) {
+    /// Starts making a core for `memory_size` bytes unless one is on its way.
+    pub fn prepare(&mut self, kvm: &Arc<Kvm>, memory_size: u64) {
         if self.pending.is_some() {
             return;
         }
         let kvm = kvm.clone();
         let spawned = std::thread::Builder::new()
             .name("kite-spare-vm".into())
-            .spawn(move || kvm.create_vm());
+            .spawn(move || VmCore::new(&kvm, memory_size));
         match spawned {
-            Ok(handle) => self.pending = Some(handle),
-            // Not fatal: VMs are then made when needed.
+            Ok(thread) => {
+                self.pending = Some(Pending {
+                    memory_size,
+                    thread,
+                })
+            }
+            // Not fatal: cores are then made when needed.
             Err(e) => log::debug!("no spare VM: cannot start its thread: {e}"),
         }
     }
 
-    /// The spare, waiting for it if it is still being made, or a new VM.
-    pub fn take(&mut self, kvm: &Kvm) -> Result<VmFd, kvm_ioctls::Error> {
-        match self.pending.take().map(JoinHandle::join) {
-            Some(Ok(Ok(fd))) => Ok(fd),
-            Some(Ok(Err(e))) => {
-                log::debug!("the spare VM failed ({e}); making one now");
-                kvm.create_vm()
-            }
-            Some(Err(_)) => {
-                log::warn!("the spare VM's thread panicked; making a VM now");
-                kvm.create_vm()
-            }
-            None => kvm.create_vm(),
+    /// A core for `memory_size` bytes: the spare if it has that size (waiting
+    /// for it if it is still being made), otherwise a new one.
+    pub fn take(&mut self, kvm: &Kvm, memory_size: u64) -> Result<VmCore, VmError> {
+        let Some(pending) = self.pending.take() else {
+            return VmCore::new(kvm, memory_size);
+        };
+        if pending.memory_size != memory_size {
+            log::debug!(
+                "the spare VM has {} MiB, not {} MiB; making a VM now",
+                pending.memory_size >> 20,
+                memory_size >> 20
+            );
+            close_in_background(pending.thread);
+            return VmCore::new(kvm, memory_size);
         }
+        match pending.thread.join() {
+            Ok(Ok(core)) => Ok(core),
+            Ok(Err(e)) => {
+                log::debug!("the spare VM failed ({e}); making one now");
+                VmCore::new(kvm, memory_size)
+            }
+            Err(_) => {
+                log::warn!("the spare VM's thread panicked; making a VM now");
+                VmCore::new(kvm, memory_size)
+            }
+        }
+    }
+}
+
+/// Waits for a core nobody wants and closes it off the control thread: KVM
+/// takes milliseconds to tear a VM down.
+fn close_in_background(thread: JoinHandle<Result<VmCore, VmError>>) {
+    let spawned = std::thread::Builder::new()
+        .name("kite-vm-close".into())
+        .spawn(move || drop(thread.join()));
+    if let Err(e) = spawned {
+        log::warn!("closing an unused spare VM in the foreground: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spare_is_used_only_for_its_memory_size() {
+        let kvm = Arc::new(Kvm::new().unwrap());
+        let mut spare = SpareVm::default();
+        spare.prepare(&kvm, 64 << 20);
+        assert_eq!(spare.take(&kvm, 64 << 20).unwrap().memory_size(), 64 << 20);
+        assert!(spare.pending.is_none());
+        spare.prepare(&kvm, 64 << 20);
+        assert_eq!(spare.take(&kvm, 32 << 20).unwrap().memory_size(), 32 << 20);
+        // Without a spare, a core is made on the spot.
+        assert_eq!(spare.take(&kvm, 16 << 20).unwrap().memory_size(), 16 << 20);
     }
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use api::config::VmConfig;
 use devices::VmEventSender;
 use kvm_bindings::CpuId;
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{self, BootError, Payload};
 use crate::console::Consoles;
@@ -80,32 +81,60 @@ pub struct Vm {
     fd: Arc<VmFd>,
 }
 
-impl Vm {
-    /// Builds the whole VM from `config` on `fd`, a fresh KVM VM. `cpuid` is
-    /// what KVM supports (read once per process); `consoles` are the host
-    /// ends of COM1 and the virtio-console.
-    pub fn new(
-        fd: VmFd,
-        cpuid: &CpuId,
-        config: &VmConfig,
-        consoles: &Consoles,
-        events: VmEventSender,
-    ) -> Result<Vm, VmError> {
-        let started = std::time::Instant::now();
-        let fd = Arc::new(fd);
+/// The part of a VM that depends on nothing but its memory size: the KVM VM
+/// with guest memory registered, the in-kernel irqchip and vCPU 0. It is most
+/// of the cost of building a VM on KVM, so [`crate::spare_vm::SpareVm`] makes
+/// one ahead of time.
+pub struct VmCore {
+    // Field order is drop order: the vCPU and memory go before the VM fd.
+    vcpu0: VcpuFd,
+    memory: GuestMemoryMmap,
+    fd: VmFd,
+}
+
+impl VmCore {
+    pub fn new(kvm: &Kvm, memory_size: u64) -> Result<VmCore, VmError> {
+        let fd = kvm.create_vm().map_err(kvm_err("create the KVM VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("set the TSS address"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("set the identity map address"))?;
         // Memory slots first: once an in-kernel irqchip exists, every slot
         // change waits for an SRCU grace period (about 5 ms here).
-        let mem = memory::create_guest_memory(config.memory.size, true)?;
-        memory::register_with_kvm(&fd, &mem)?;
+        let memory = memory::create_guest_memory(memory_size, true)?;
+        memory::register_with_kvm(&fd, &memory)?;
         // In-kernel PIC, I/O APIC and local APICs. No in-kernel PIT: the
         // platform is ACPI hardware-reduced, so guests use the local APIC
         // timer, and KVM takes ~13 ms to tear a PIT down.
         fd.create_irq_chip()
             .map_err(kvm_err("create the in-kernel irqchip"))?;
+        let vcpu0 = fd.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
+        Ok(VmCore { vcpu0, memory, fd })
+    }
+
+    pub fn memory_size(&self) -> u64 {
+        self.memory.iter().map(|r| r.len()).sum()
+    }
+}
+
+impl Vm {
+    /// Builds the whole VM from `config` on `core`, made for the config's
+    /// memory size. `cpuid` is what KVM supports (read once per process);
+    /// `consoles` are the host ends of COM1 and the virtio-console.
+    pub fn new(
+        core: VmCore,
+        cpuid: &CpuId,
+        config: &VmConfig,
+        consoles: &Consoles,
+        events: VmEventSender,
+    ) -> Result<Vm, VmError> {
+        let started = std::time::Instant::now();
+        let VmCore {
+            vcpu0,
+            memory: mem,
+            fd,
+        } = core;
+        let fd = Arc::new(fd);
 
         let serial_out = consoles.serial.writer().map_err(VmError::ConsoleOutput)?;
         let mut devices = DeviceManager::new(fd.clone(), mem.clone(), serial_out, &events)?;
@@ -123,10 +152,14 @@ impl Vm {
         let entry = boot::load_payload(&mem, &payload, rsdp)?;
 
         let mut vcpus = Vec::with_capacity(usize::from(cpus.boot_vcpus));
+        let mut vcpu0 = Some(vcpu0);
         for id in 0..cpus.boot_vcpus {
-            let vcpu = fd
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("create a vCPU"))?;
+            let vcpu = match vcpu0.take() {
+                Some(vcpu) => vcpu,
+                None => fd
+                    .create_vcpu(u64::from(id))
+                    .map_err(kvm_err("create a vCPU"))?,
+            };
             x86::cpuid::set_cpuid(&vcpu, cpuid, id, cpus.boot_vcpus)?;
             x86::regs::setup_common(&vcpu, id)?;
             if id == 0 {
