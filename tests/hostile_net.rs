@@ -6,24 +6,23 @@
 //! readable, outside guest memory, smaller than the header), which frames
 //! the host sends to the TAP use up. Then a valid frame must still go out.
 //!
-//! kite runs inside a network namespace of its own (`kite-hn-<pid>-<n>`,
+//! kite runs inside a network namespace of its own (`kite-test-<pid>-<n>`,
 //! deleted when the test ends, also on a panic) with a TAP at 10.201.0.1/24;
 //! a thread of this process joins the namespace and sends UDP broadcasts to
 //! 10.201.0.255, so the TAP always has frames for the guest.
 
 mod common;
 
-use std::fs;
 use std::io::Read;
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use common::netns::NetNs;
 use common::*;
 
 /// Generous: CI machines may be loaded (a run takes about a second here).
@@ -45,83 +44,21 @@ const TX_CASES: &[&str] = &[
 /// Receive buffers no frame may be written into.
 const RX_BAD: &[&str] = &["rx-readable", "rx-hole", "rx-tiny"];
 
-/// A network namespace of this test process, deleted when dropped.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new() -> NetNs {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "kite-hn-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run `ip netns add` (is iproute2 installed?)");
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        NetNs { name }
-    }
-
-    /// `ip netns exec <ns> <program>`: a command that runs in the namespace.
-    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-
-    /// The names of the namespace's interfaces.
-    fn links(&self) -> Vec<String> {
-        let out = self
-            .command("ip")
-            .args(["-o", "link", "show"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip link show in {}", self.name);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap().to_string())
-            .collect()
-    }
-
-    /// Sends UDP broadcasts into the namespace's 10.201.0.0/24 every 50 ms
-    /// until `stop` is set (errors, e.g. before the TAP exists, are ignored).
-    fn broadcast(&self, stop: Arc<AtomicBool>) -> JoinHandle<u32> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: setns only changes this thread's network namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-            socket.set_broadcast(true).unwrap();
-            let mut sent = 0;
-            while !stop.load(Ordering::Relaxed) {
-                if socket.send_to(b"KITE-HOST-FRAME", "10.201.0.255:9").is_ok() {
-                    sent += 1;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+/// Sends UDP broadcasts into `ns`'s 10.201.0.0/24 every 50 ms until `stop`
+/// is set (errors, e.g. before the TAP exists, are ignored).
+fn broadcast(ns: &NetNs, stop: Arc<AtomicBool>) -> JoinHandle<u32> {
+    ns.spawn(move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.set_broadcast(true).unwrap();
+        let mut sent = 0;
+        while !stop.load(Ordering::Relaxed) {
+            if socket.send_to(b"KITE-HOST-FRAME", "10.201.0.255:9").is_ok() {
+                sent += 1;
             }
-            sent
-        })
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
-    }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sent
+    })
 }
 
 /// The guest's line for case `name` (`TX name ...`, `RX name ...` or
@@ -157,7 +94,7 @@ fn hostile_virtio_net() {
         .spawn()
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let sender = ns.broadcast(stop.clone());
+    let sender = broadcast(&ns, stop.clone());
     let mut out_pipe = child.stdout.take().unwrap();
     let mut err_pipe = child.stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {

@@ -27,11 +27,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::netns::NetNs;
 use common::*;
 use serde_json::{json, Value};
 
@@ -47,108 +47,6 @@ const SCRIPT_END: &str = "echo KITE-SCRIPT-END\n$B stty onlcr\n$B poweroff -f\n"
 /// The largest Ethernet frame without segmentation offload: a 1500-byte
 /// MTU plus the 14-byte Ethernet header.
 const MAX_PLAIN_FRAME: u64 = 1514;
-
-// ---------------------------------------------------------------------------
-// Network namespaces
-// ---------------------------------------------------------------------------
-
-/// A network namespace of this test process, deleted when dropped.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new() -> NetNs {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "kite-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run `ip netns add` (is iproute2 installed?)");
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let ns = NetNs { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip netns exec <ns> <program>`: a command that runs in the namespace.
-    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-
-    /// Runs `ip ARGS` in the namespace; it must succeed. Returns stdout.
-    fn ip(&self, args: &[&str]) -> String {
-        let out = self.command("ip").args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "ip {args:?} in {}: {}",
-            self.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    }
-
-    /// A statistic of an interface of the namespace
-    /// (`/sys/class/net/<iface>/statistics/<name>`).
-    fn stat(&self, iface: &str, name: &str) -> u64 {
-        let out = self
-            .command("cat")
-            .arg(format!("/sys/class/net/{iface}/statistics/{name}"))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.trim().parse().unwrap_or_else(|_| {
-            panic!(
-                "{iface} {name} in {}: {text:?} {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-    }
-
-    /// Runs `f` on a thread that joined the namespace (network namespaces
-    /// are per thread); sockets it opens belong to the namespace.
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: setns only changes this thread's network namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    }
-
-    /// The names of the namespace's interfaces.
-    fn links(&self) -> Vec<String> {
-        self.ip(&["-o", "link", "show"])
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap().to_string())
-            .collect()
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
 
 /// The host (TAP) side address of test `n`'s subnet.
 fn host_ip(n: u8) -> Ipv4Addr {

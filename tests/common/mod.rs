@@ -2,6 +2,8 @@
 //! talk HTTP to its API socket, find the guests, build initramfs overlays.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
