@@ -1,5 +1,5 @@
 use super::*;
-use crate::test_util::{add_chains, used, CountingInterrupt, W};
+use crate::test_util::{add_chains, thread_cpu_time, used, CountingInterrupt, W};
 use std::collections::VecDeque;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::AtomicBool;
@@ -975,26 +975,4 @@ fn multiqueue_device_attaches_pairs_on_request() {
     assert!(taps[1].queue_enabled());
     wait_for("the frame on pair 1", || mocks[2].used().idx().load() == 1);
     net.reset();
-}
-
-/// CPU milliseconds used so far by this process's threads named `name`.
-fn thread_cpu_time(name: &str) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        // Fields after the ")" closing comm start at "state"; utime and
-        // stime are the 12th and 13th of them.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let field = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-        let ticks = field(11) + field(12);
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        total += ticks * 1000 / hz;
-    }
-    total
 }
