@@ -14,14 +14,7 @@ set -eu
 . "$(dirname "$0")/guest-env.sh"
 cd "$root"
 cargo build --release -q
-missing=""
-command -v fio >/dev/null 2>&1 || missing="$missing fio"
-command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
-if [ -n "$missing" ]; then
-  echo "bench-block: installing$missing" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q $missing >&2 || { apt-get update -q >&2 && apt-get install -y -q $missing >&2; }
-fi
+scripts/install-deps.sh fio >&2
 set -- --kite "$root/target/release/kite"
 if [ -n "${CH_BIN:-}" ]; then set -- "$@" --ch "$CH_BIN"; fi
 exec python3 "$root/scripts/bench-block/bench.py" "$@" \

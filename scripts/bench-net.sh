@@ -17,14 +17,7 @@ set -eu
 . "$(dirname "$0")/guest-env.sh"
 cd "$root"
 cargo build --release -q
-missing=""
-command -v iperf3 >/dev/null 2>&1 || missing="$missing iperf3"
-command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
-if [ -n "$missing" ]; then
-  echo "bench-net: installing$missing" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q $missing >&2 || { apt-get update -q >&2 && apt-get install -y -q $missing >&2; }
-fi
+scripts/install-deps.sh iperf3 >&2
 set -- --kite "$root/target/release/kite"
 if [ -n "${CH_BIN:-}" ]; then set -- "$@" --ch "$CH_BIN"; fi
 exec python3 "$root/scripts/bench-net/bench_net.py" "$@" \

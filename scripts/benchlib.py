@@ -2,6 +2,7 @@
 share: an initramfs overlay carrying a host tool into the test guest, samples
 of the VMM's per-thread CPU time, and the helpers of their console protocol
 and tables."""
+import argparse
 import os
 import re
 import signal
@@ -14,6 +15,29 @@ import time
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
+
+
+def arg_parser(modes):
+    """The arguments both drivers take from their shell wrappers."""
+    ap = argparse.ArgumentParser()
+    for name in ("--kite", "--kernel", "--initramfs", "--cmdline", "--work"):
+        ap.add_argument(name, required=True)
+    ap.add_argument("--ch")
+    ap.add_argument("--runtime", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--modes", default=modes)
+    ap.add_argument("--memory", default="1G")
+    return ap
+
+
+def parse_args(ap):
+    """Parses the arguments and makes the work and log directories.
+    Returns (args, log directory, modes)."""
+    args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)
+    logdir = os.path.join(args.work, "logs")
+    os.makedirs(logdir, exist_ok=True)
+    return args, logdir, args.modes.split()
 
 
 # ---------------------------------------------------------------- overlay --

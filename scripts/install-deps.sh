@@ -1,7 +1,8 @@
 #!/bin/sh
-# Debian packages the build, the tests, the demo and the benchmarks use.
+# Debian packages the build, the tests, the demo and the benchmarks use,
+# plus any named as arguments (a benchmark's own tools: fio, iperf3).
 set -eu
-pkgs="gcc g++ binutils make curl python3 cpio gzip iproute2 iputils-ping qemu-utils"
+pkgs="gcc g++ binutils make curl python3 cpio gzip iproute2 iputils-ping qemu-utils $*"
 missing=""
 for p in $pkgs; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

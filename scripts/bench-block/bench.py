@@ -14,7 +14,6 @@
    cache, direct=on); a table compares them with the host.
 Exits 1 if any run or job failed.
 """
-import argparse
 import json
 import os
 import re
@@ -24,7 +23,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from benchlib import fmt, log, med, overlay_initramfs, run_guest, shared_libraries  # noqa: E402
+from benchlib import (  # noqa: E402
+    arg_parser, fmt, log, med, overlay_initramfs, parse_args, run_guest, shared_libraries)
 
 DISK_ID = "bdata"  # id of the data disk: kite names its threads blk<q>-bdata, CH bdata_q<q>
 # (name, fio rw, block size KiB, queue depth)
@@ -169,28 +169,13 @@ def job_stats(runs, job):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--kite", required=True)
-    ap.add_argument("--ch")
-    ap.add_argument("--kernel", required=True)
-    ap.add_argument("--initramfs", required=True)
-    ap.add_argument("--cmdline", required=True)
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--runtime", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--modes", default="default direct")
+    ap = arg_parser(modes="default direct")
     ap.add_argument("--cpus", default="1")
-    ap.add_argument("--memory", default="1G")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--qd", type=int, default=32)
     ap.add_argument("--dd-4k-count", type=int, default=32768)
     ap.add_argument("--phases", default="dd fio")
-    args = ap.parse_args()
-    sys.stdout.reconfigure(line_buffering=True)
-    os.makedirs(args.work, exist_ok=True)
-    logdir = os.path.join(args.work, "logs")
-    os.makedirs(logdir, exist_ok=True)
-    modes = args.modes.split()
+    args, logdir, modes = parse_args(ap)
     jobs = fio_jobs(args.qd)
 
     initrd, fio_ver, nlibs, nbytes = build_initramfs(args.initramfs, args.work)

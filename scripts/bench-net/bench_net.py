@@ -20,7 +20,6 @@
    the same iperf3 over a veth pair between two namespaces.
 Exits 1 if any run or job failed.
 """
-import argparse
 import json
 import os
 import re
@@ -31,7 +30,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from benchlib import fmt, log, med, overlay_initramfs, run_guest, shared_libraries  # noqa: E402
+from benchlib import (  # noqa: E402
+    arg_parser, fmt, log, med, overlay_initramfs, parse_args, run_guest, shared_libraries)
 NET_ID = "bnet"  # id of the NIC: kite names its threads net<q>-bnet, CH bnet_qp<q>
 HOST_IP, GUEST_IP, PREFIX = "10.201.1.1", "10.201.1.2", 24
 PORTS = {"IPERF_TX_PORT": 5201, "IPERF_RX_PORT": 5202, "NC_SINK_PORT": 6001,
@@ -271,24 +271,9 @@ def job_stats(runs, job):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--kite", required=True)
-    ap.add_argument("--ch")
-    ap.add_argument("--kernel", required=True)
-    ap.add_argument("--initramfs", required=True)
-    ap.add_argument("--cmdline", required=True)
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--runtime", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--modes", default="1q 2q")
-    ap.add_argument("--memory", default="1G")
+    ap = arg_parser(modes="1q 2q")
     ap.add_argument("--nc-mib", type=int, default=8)
-    args = ap.parse_args()
-    sys.stdout.reconfigure(line_buffering=True)
-    os.makedirs(args.work, exist_ok=True)
-    logdir = os.path.join(args.work, "logs")
-    os.makedirs(logdir, exist_ok=True)
-    modes = args.modes.split()
+    args, logdir, modes = parse_args(ap)
 
     initrd, iperf_ver, nlibs, nbytes = build_initramfs(args.initramfs, args.work)
     log(f"bench-net: overlay: {iperf_ver} + {nlibs} shared libraries ({nbytes >> 10} KiB)")
