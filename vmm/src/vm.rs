@@ -152,20 +152,19 @@ impl Vm {
         let entry = boot::load_payload(&mem, &payload, rsdp)?;
 
         let mut vcpus = Vec::with_capacity(usize::from(cpus.boot_vcpus));
-        let mut vcpu0 = Some(vcpu0);
-        for id in 0..cpus.boot_vcpus {
-            let vcpu = match vcpu0.take() {
-                Some(vcpu) => vcpu,
-                None => fd
-                    .create_vcpu(u64::from(id))
-                    .map_err(kvm_err("create a vCPU"))?,
-            };
-            x86::cpuid::set_cpuid(&vcpu, cpuid, id, cpus.boot_vcpus)?;
-            x86::regs::setup_common(&vcpu, id)?;
-            if id == 0 {
-                x86::regs::setup_boot_vcpu(&vcpu, &mem, entry)?;
-            }
+        vcpus.push(vcpu0);
+        for id in 1..cpus.boot_vcpus {
+            let vcpu = fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create a vCPU"))?;
             vcpus.push(vcpu);
+        }
+        for (id, vcpu) in (0..).zip(&vcpus) {
+            x86::cpuid::set_cpuid(vcpu, cpuid, id, cpus.boot_vcpus)?;
+            x86::regs::setup_common(vcpu, id)?;
+            if id == 0 {
+                x86::regs::setup_boot_vcpu(vcpu, &mem, entry)?;
+            }
         }
         log::info!(
             "VM built in {:?}: {} vCPUs, {} MiB, entry {entry:?}",
