@@ -7,11 +7,11 @@
 mod common;
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::pty::pty_session;
 use common::*;
 
 /// Per-step timeout; generous because CI machines may be loaded.
@@ -417,54 +417,21 @@ fn pause_and_resume() {
 #[test]
 fn interactive_console_on_a_pty() {
     let guest = linux_guest();
-    let (master, slave) = open_pty();
-
     let cmdline = format!("{} kite.shell=1", guest.cmdline);
-    let mut child = Command::new(kite_bin())
-        .args(["--kernel", guest.vmlinux.to_str().unwrap()])
+    let mut cmd = Command::new(kite_bin());
+    cmd.args(["--kernel", guest.vmlinux.to_str().unwrap()])
         .args(["--initramfs", guest.initramfs.to_str().unwrap()])
         .args(["--cmdline", &cmdline])
         .args(["--cpus", "boot=1", "--memory", "size=256M"])
-        .args(["--serial", "tty", "--console", "off"])
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave))
-        .spawn()
-        .unwrap();
-    // The temporary Command (and with it our copies of the slave) is gone,
-    // so the master reads EIO once kite exits.
-    let master = fs::File::from(master);
-    let mut writer = master.try_clone().unwrap();
-    let (buf, reader) = pty_reader(master);
-
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let at = wait_output(&buf, 0, |t| t.contains("# "), "shell prompt");
-        writer.write_all(b"echo kite-$((6*7))-ok\n").unwrap();
-        wait_output(
-            &buf,
-            at,
-            |t| t.contains("kite-42-ok"),
-            "command output kite-42-ok",
-        );
-        writer.write_all(b"poweroff -f\n").unwrap();
-        wait_child(&mut child, TIMEOUT)
-    }));
-    let status = match result {
-        Ok(Some(status)) => status,
-        Ok(None) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("kite did not exit after the guest's poweroff -f");
-        }
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            std::panic::resume_unwind(e);
-        }
-    };
-    drop(writer);
-    reader.join().unwrap();
-    let out = String::from_utf8_lossy(&buf.lock().unwrap()).to_string();
+        .args(["--serial", "tty", "--console", "off"]);
+    let (status, out) = pty_session(cmd, TIMEOUT, |pty| {
+        let at = pty.wait(0, "# ");
+        pty.write("echo kite-$((6*7))-ok\n");
+        pty.wait(at, "kite-42-ok");
+        pty.write("poweroff -f\n");
+    });
+    let status =
+        status.unwrap_or_else(|| panic!("kite did not exit after the guest's poweroff -f:\n{out}"));
     assert!(
         status.success(),
         "kite exited with {status}; console:\n{out}"

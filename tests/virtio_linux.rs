@@ -17,6 +17,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pty::pty_session;
 use common::*;
 use serde_json::{json, Value};
 
@@ -570,19 +571,6 @@ $B blockdev --flushbufs /dev/vdb
 // 6: several disks, several queues
 // ---------------------------------------------------------------------------
 
-/// `/proc/interrupts` lines `KITE-IRQ: <line>` → (name, total count).
-fn irq_lines(out: &str) -> Vec<(String, u64)> {
-    lines(out)
-        .into_iter()
-        .filter_map(|l| l.strip_prefix("KITE-IRQ: "))
-        .map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            let total = words[1..].iter().map_while(|w| w.parse::<u64>().ok()).sum();
-            (words.last().unwrap().to_string(), total)
-        })
-        .collect()
-}
-
 #[test]
 fn several_disks_and_queues_with_two_vcpus() {
     let dir = TempDir::new("vl-multi");
@@ -999,54 +987,25 @@ fn virtio_console_interactive_on_a_pty() {
          $B poweroff -f",
         &initramfs,
     );
-    let (master, slave) = open_pty();
     let serial_arg = format!("file={}", serial.display());
-    let mut child = Command::new(kite_bin())
-        .args(["--kernel", guest.vmlinux.to_str().unwrap()])
+    let mut cmd = Command::new(kite_bin());
+    cmd.args(["--kernel", guest.vmlinux.to_str().unwrap()])
         .args(["--initramfs", initramfs.to_str().unwrap()])
         .args(["--cmdline", &guest.cmdline])
         .args(["--cpus", "boot=1", "--memory", "size=256M"])
-        .args(["--serial", &serial_arg, "--console", "tty"])
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave))
-        .spawn()
-        .unwrap();
-    let master = fs::File::from(master);
-    let mut writer = master.try_clone().unwrap();
-    let (buf, reader) = pty_reader(master);
-
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let at = wait_output(&buf, 0, |t| t.contains("KITE-HVC-READY"), "KITE-HVC-READY");
-        writer.write_all(b"echo kite-$((6*7))-hvc\n").unwrap();
-        let at = wait_output(&buf, at, |t| t.contains("kite-42-hvc"), "kite-42-hvc");
-        writer
-            .write_all(b"echo \"KITE-CPUS-$(/bin/busybox nproc)\"\n")
-            .unwrap();
-        wait_output(&buf, at, |t| t.contains("KITE-CPUS-1"), "KITE-CPUS-1");
-        writer.write_all(b"exit\n").unwrap();
-        wait_child(&mut child, TIMEOUT)
-    }));
-    let status = match result {
-        Ok(Some(status)) => status,
-        Ok(None) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "kite did not exit after the hvc0 shell ended; serial:\n{}",
-                fs::read_to_string(&serial).unwrap_or_default()
-            );
-        }
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            std::panic::resume_unwind(e);
-        }
-    };
-    drop(writer);
-    reader.join().unwrap();
-    let pty = String::from_utf8_lossy(&buf.lock().unwrap()).to_string();
+        .args(["--serial", &serial_arg, "--console", "tty"]);
+    let (status, pty) = pty_session(cmd, TIMEOUT, |pty| {
+        let at = pty.wait(0, "KITE-HVC-READY");
+        pty.write("echo kite-$((6*7))-hvc\n");
+        let at = pty.wait(at, "kite-42-hvc");
+        pty.write("echo \"KITE-CPUS-$(/bin/busybox nproc)\"\n");
+        pty.wait(at, "KITE-CPUS-1");
+        pty.write("exit\n");
+    });
     let serial_text = fs::read_to_string(&serial).unwrap_or_default();
+    let status = status.unwrap_or_else(|| {
+        panic!("kite did not exit after the hvc0 shell ended; serial:\n{serial_text}")
+    });
     assert!(
         status.success(),
         "kite exited with {status}; pty:\n{pty}\nserial:\n{serial_text}"

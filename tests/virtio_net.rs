@@ -624,19 +624,6 @@ fn configured_and_random_macs_and_mtu() {
 // 4: two queue pairs with two vCPUs
 // ---------------------------------------------------------------------------
 
-/// `/proc/interrupts` lines `KITE-IRQ: <line>` → (name, total count).
-fn irq_lines(out: &str) -> Vec<(String, u64)> {
-    lines(out)
-        .into_iter()
-        .filter_map(|l| l.strip_prefix("KITE-IRQ: "))
-        .map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            let total = words[1..].iter().map_while(|w| w.parse::<u64>().ok()).sum();
-            (words.last().unwrap().to_string(), total)
-        })
-        .collect()
-}
-
 #[test]
 fn two_queue_pairs_with_two_vcpus() {
     let ns = NetNs::new();

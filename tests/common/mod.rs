@@ -3,15 +3,15 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod pty;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -387,6 +387,19 @@ pub fn lines(text: &str) -> Vec<&str> {
     text.lines().map(|l| l.trim_end_matches('\r')).collect()
 }
 
+/// `/proc/interrupts` lines `KITE-IRQ: <line>` → (name, total count).
+pub fn irq_lines(out: &str) -> Vec<(String, u64)> {
+    lines(out)
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("KITE-IRQ: "))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let total = words[1..].iter().map_while(|w| w.parse::<u64>().ok()).sum();
+            (words.last().unwrap().to_string(), total)
+        })
+        .collect()
+}
+
 /// The rest of the first line starting with `prefix`.
 pub fn field<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     lines(text).into_iter().find_map(|l| l.strip_prefix(prefix))
@@ -433,68 +446,6 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     }
     v.truncate(len);
     v
-}
-
-/// Waits until the output after byte `from` satisfies `pred`; returns the
-/// length of the output then.
-pub fn wait_output(
-    buf: &Mutex<Vec<u8>>,
-    from: usize,
-    pred: impl Fn(&str) -> bool,
-    what: &str,
-) -> usize {
-    let start = Instant::now();
-    loop {
-        let data = buf.lock().unwrap().clone();
-        let text = String::from_utf8_lossy(&data[from.min(data.len())..]).to_string();
-        if pred(&text) {
-            return data.len();
-        }
-        assert!(
-            start.elapsed() < BOOT_TIMEOUT,
-            "no {what} on the console after {BOOT_TIMEOUT:?}; output:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Reads everything from a pty master into a shared buffer until EIO/EOF.
-pub fn pty_reader(mut master: fs::File) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let shared = buf.clone();
-    let thread = std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        loop {
-            match master.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => shared.lock().unwrap().extend_from_slice(&chunk[..n]),
-            }
-        }
-    });
-    (buf, thread)
-}
-
-/// A new pseudo-terminal: (master, slave).
-pub fn open_pty() -> (OwnedFd, OwnedFd) {
-    let (mut master_fd, mut slave_fd) = (-1, -1);
-    // SAFETY: openpty writes two new file descriptors into the given ints.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master_fd,
-            &mut slave_fd,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just opened and are owned only here.
-    unsafe {
-        (
-            OwnedFd::from_raw_fd(master_fd),
-            OwnedFd::from_raw_fd(slave_fd),
-        )
-    }
 }
 
 /// One device counter out of [`Kite::counters`].
