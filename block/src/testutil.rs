@@ -132,15 +132,6 @@ pub fn qemu_contents(path: &Path, format: &str) -> Vec<u8> {
     data
 }
 
-/// Whether the qemu-io binary is available.
-pub fn have_qemu_io() -> bool {
-    Command::new("qemu-io")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 /// Runs `qemu-io -f FORMAT -c CMD PATH`.
 pub fn qemu_io(path: &Path, format: &str, cmd: &str) {
     let out = run(Command::new("qemu-io")

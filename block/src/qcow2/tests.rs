@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::testutil::{
-    assert_bytes_eq, assert_qemu_check_clean, create_qcow2, have_qemu_io, pattern, qemu_contents,
-    qemu_img, qemu_io, Rng, TempDir,
+    assert_bytes_eq, assert_qemu_check_clean, create_qcow2, pattern, qemu_contents, qemu_img,
+    qemu_io, Rng, TempDir,
 };
 use crate::{open_image, OpenOptions, MAX_BACKING_DEPTH};
 
@@ -130,10 +130,6 @@ fn cluster_size_512() {
 
 #[test]
 fn reads_what_qemu_wrote_and_qemu_reads_what_we_wrote() {
-    if !have_qemu_io() {
-        eprintln!("qemu-io not installed; skipping");
-        return;
-    }
     let dir = TempDir::new();
     let path = create_qcow2(&dir.path().join("disk.qcow2"), 8 * MIB, "");
     qemu_io(&path, "qcow2", "write -P 0xab 0 64k");
@@ -152,10 +148,6 @@ fn reads_what_qemu_wrote_and_qemu_reads_what_we_wrote() {
 
 #[test]
 fn zero_clusters_read_as_zeros_and_can_be_rewritten() {
-    if !have_qemu_io() {
-        eprintln!("qemu-io not installed; skipping");
-        return;
-    }
     let dir = TempDir::new();
     let path = create_qcow2(&dir.path().join("disk.qcow2"), 4 * MIB, "");
     qemu_io(&path, "qcow2", "write -P 0x11 0 256k");
