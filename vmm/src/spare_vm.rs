@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 
 use kvm_ioctls::Kvm;
 
-use crate::vm::{VmCore, VmError};
+use crate::vm::{close_in_background, VmCore, VmError};
 
 /// A core being made (or made) in the background.
 struct Pending {
@@ -77,17 +77,6 @@ impl SpareVm {
                 VmCore::new(kvm, memory_size)
             }
         }
-    }
-}
-
-/// Waits for a core nobody wants and closes it off the control thread: KVM
-/// takes milliseconds to tear a VM down.
-fn close_in_background(thread: JoinHandle<Result<VmCore, VmError>>) {
-    let spawned = std::thread::Builder::new()
-        .name("kite-vm-close".into())
-        .spawn(move || drop(thread.join()));
-    if let Err(e) = spawned {
-        log::warn!("closing an unused spare VM in the foreground: {e}");
     }
 }
 

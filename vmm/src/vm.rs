@@ -8,7 +8,6 @@ use api::config::VmConfig;
 use devices::VmEventSender;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{self, BootError, Payload};
 use crate::console::Consoles;
@@ -112,8 +111,21 @@ impl VmCore {
         Ok(VmCore { vcpu0, memory, fd })
     }
 
+    #[cfg(test)]
     pub fn memory_size(&self) -> u64 {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         self.memory.iter().map(|r| r.len()).sum()
+    }
+}
+
+/// Drops `vm` (a KVM VM, or what will yield one) on a thread of its own:
+/// KVM takes milliseconds to tear a VM down, which nobody need wait for.
+pub(crate) fn close_in_background<T: Send + 'static>(vm: T) {
+    let spawned = std::thread::Builder::new()
+        .name("kite-vm-close".into())
+        .spawn(move || drop(vm));
+    if let Err(e) = spawned {
+        log::warn!("closed a KVM VM in the foreground: {e}");
     }
 }
 
@@ -225,12 +237,7 @@ impl Vm {
             fd,
         } = self;
         drop((threads, devices, events, memory));
-        let spawned = std::thread::Builder::new()
-            .name("kite-vm-close".into())
-            .spawn(move || drop(fd));
-        if let Err(e) = spawned {
-            log::warn!("closed the KVM VM in the foreground: {e}");
-        }
+        close_in_background(fd);
     }
 
     /// Presses the ACPI power button.
