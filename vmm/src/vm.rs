@@ -140,28 +140,53 @@ impl Vm {
         consoles: &Consoles,
         events: VmEventSender,
     ) -> Result<Vm, VmError> {
-        let started = std::time::Instant::now();
-        let VmCore {
-            vcpu0,
-            memory: mem,
-            fd,
-        } = core;
+        let VmCore { vcpu0, memory, fd } = core;
         let fd = Arc::new(fd);
+        let parts = Self::build(&fd, &memory, vcpu0, cpuid, config, consoles, &events);
+        let (vcpus, devices) = match parts {
+            Ok(parts) => parts,
+            Err(e) => {
+                // A bad kernel or disk must not keep the caller waiting for
+                // KVM's teardown of the half-built VM.
+                drop(memory);
+                close_in_background(fd);
+                return Err(e);
+            }
+        };
+        Ok(Vm {
+            threads: Threads::Ready(vcpus),
+            devices,
+            events,
+            memory,
+            fd,
+        })
+    }
 
+    /// Adds devices, tables, payload and vCPUs to the KVM VM `fd`.
+    fn build(
+        fd: &Arc<VmFd>,
+        mem: &GuestMemoryMmap,
+        vcpu0: VcpuFd,
+        cpuid: &CpuId,
+        config: &VmConfig,
+        consoles: &Consoles,
+        events: &VmEventSender,
+    ) -> Result<(Vec<VcpuFd>, DeviceManager), VmError> {
+        let started = std::time::Instant::now();
         let serial_out = consoles.serial.writer().map_err(VmError::ConsoleOutput)?;
-        let mut devices = DeviceManager::new(fd.clone(), mem.clone(), serial_out, &events)?;
+        let mut devices = DeviceManager::new(fd.clone(), mem.clone(), serial_out, events)?;
         devices.add_configured(config, &consoles.virtio)?;
 
         let cpus = &config.cpus;
-        let rsdp = crate::acpi::create_acpi_tables(&mem, cpus.boot_vcpus, cpus.max_vcpus)?;
-        crate::mptable::write_mptable(&mem, cpus.boot_vcpus)?;
+        let rsdp = crate::acpi::create_acpi_tables(mem, cpus.boot_vcpus, cpus.max_vcpus)?;
+        crate::mptable::write_mptable(mem, cpus.boot_vcpus)?;
         let kernel = config.payload.kernel.as_deref().ok_or(VmError::NoKernel)?;
         let payload = Payload {
             kernel,
             initramfs: config.payload.initramfs.as_deref(),
             cmdline: config.payload.cmdline.as_deref().unwrap_or(""),
         };
-        let entry = boot::load_payload(&mem, &payload, rsdp)?;
+        let entry = boot::load_payload(mem, &payload, rsdp)?;
 
         let mut vcpus = Vec::with_capacity(usize::from(cpus.boot_vcpus));
         vcpus.push(vcpu0);
@@ -175,7 +200,7 @@ impl Vm {
             x86::cpuid::set_cpuid(vcpu, cpuid, id, cpus.boot_vcpus)?;
             x86::regs::setup_common(vcpu, id)?;
             if id == 0 {
-                x86::regs::setup_boot_vcpu(vcpu, &mem, entry)?;
+                x86::regs::setup_boot_vcpu(vcpu, mem, entry)?;
             }
         }
         log::info!(
@@ -184,14 +209,7 @@ impl Vm {
             cpus.boot_vcpus,
             config.memory.size >> 20
         );
-
-        Ok(Vm {
-            threads: Threads::Ready(vcpus),
-            devices,
-            events,
-            memory: mem,
-            fd,
-        })
+        Ok((vcpus, devices))
     }
 
     /// Starts the vCPU threads; the guest runs from here on.
