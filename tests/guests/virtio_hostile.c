@@ -100,6 +100,8 @@
  *     k-no-version1, k-unknown-feature (bit 50)        -> features refused
  *     k-no-features-ok: DRIVER_OK without FEATURES_OK, then a request
  *                                                      -> no completion
+ *     log flood: FAILED, and FEATURES_OK without VERSION_1, 1000 times each
+ *       (with resets between)                  -> a bounded number of warnings
  * Phase 4 (j): reset and a clean setup, then:
  *     j-write (sector 2 <- "KITE-FINAL-WRITE"), j-read (CHECK), j-read-good
  *     (sector 1 still holds the first write)           -> OK
@@ -108,7 +110,8 @@
  *     queue_select too) are ignored: a read          -> OK
  *  m  BAR 0 reprogrammed with memory decoding on: m-move (to 0xD0000000, the
  *     device and its notify address follow; a read -> OK), m-overlap (onto
- *     the rng's BAR: refused, the rng keeps its BAR; a read -> OK), the
+ *     the rng's BAR, 1000 times: refused, the rng keeps its BAR; a read
+ *     -> OK), the
  *     sizing protocol (all ones; reads back the size mask), m-restored (back
  *     at the original address; a read -> OK)
  */
@@ -131,6 +134,7 @@
 
 /* ---- guest-physical memory used (the image is at 1 MiB, far below) ---- */
 #define QSIZE       16
+#define FLOOD       1000
 /* Queue 0, laid out as struct vq expects: descriptor table (16 * QSIZE
  * bytes), available ring, used ring. */
 #define DESC_ADDR   0x200000u
@@ -639,6 +643,26 @@ static void case_i(void)
     valid_read("i-after-oob");
 }
 
+/* Things a device may warn about, a thousand times each: the VMM's log must
+ * not grow with them (the test counts its warnings). */
+static void log_flood(void)
+{
+    for (int i = 0; i < FLOOD; i++) {
+        w8(C_STATUS, 0x80); /* FAILED */
+        reset_device();
+    }
+    for (int i = 0; i < FLOOD; i++) {
+        /* Features without VERSION_1: FEATURES_OK is refused each time. */
+        w32(C_GFSELECT, 1);
+        w32(C_GF, 0);
+        w8(C_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+        reset_device();
+    }
+    puts_("FLOOD done status=");
+    put_hex(r8(C_STATUS));
+    puts_("\n");
+}
+
 static void case_k(void)
 {
     setup_with("k-qsize-7", F_VERSION_1, 7, DESC_ADDR, AVAIL_ADDR, USED_ADDR,
@@ -669,6 +693,7 @@ static void case_k(void)
     puts_("RESET status=");
     put_hex(r8(C_STATUS));
     puts_("\n");
+    log_flood();
 }
 
 /* Queue registers written while DRIVER_OK is set must be ignored. */
@@ -722,7 +747,8 @@ static void case_m(void)
     if (other_bar) {
         /* Onto the rng's BAR: must be refused; the rng keeps its BAR (its
          * device config reads 0, not our capacity) and we stay put. */
-        cfg_write(blk_slot, 0x10, other_bar);
+        for (int i = 0; i < FLOOD; i++)
+            cfg_write(blk_slot, 0x10, other_bar);
         u32 other_cfg = *(volatile u32 *)(other_bar + BAR_DEVCFG);
         puts_("M overlap status=");
         put_hex(r8(C_STATUS));

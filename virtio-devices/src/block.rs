@@ -61,6 +61,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::device::{ActivateError, ActiveQueue, QueueInterrupt, VirtioDevice};
+use crate::log_budget::LogBudget;
 use crate::worker::{skip_corrupt_avail, QueueHandler, Worker};
 use crate::GuestMemoryMmap;
 use uring::{Completion, Op, Request, Uring};
@@ -94,10 +95,6 @@ const CONFIG_SIZE: usize = 60;
 const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
 const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
-
-/// Disk errors logged as warnings per worker; later ones go to debug, so a
-/// failing host disk cannot flood the log at the guest's request rate.
-const LOGGED_DISK_ERRORS: u32 = 16;
 
 /// Why a block device cannot be built.
 #[derive(Debug, thiserror::Error)]
@@ -294,7 +291,7 @@ impl Block {
             rsegs: Vec::new(),
             wsegs: Vec::new(),
             buf: Vec::new(),
-            disk_errors_logged: 0,
+            disk_errors: LogBudget::default(),
             uring: None,
             completions: Vec::new(),
         }
@@ -499,7 +496,8 @@ struct BlockHandler {
     rsegs: Vec<Seg>,
     wsegs: Vec<Seg>,
     buf: Vec<u8>,
-    disk_errors_logged: u32,
+    /// A failing host disk must not flood the log at the guest's request rate.
+    disk_errors: LogBudget,
     /// Reads and writes in flight, on raw images.
     uring: Option<Uring>,
     completions: Vec<Completion>,
@@ -641,12 +639,8 @@ impl BlockHandler {
     }
 
     fn disk_error(&mut self, what: &str, e: &dyn fmt::Display) {
-        if self.disk_errors_logged < LOGGED_DISK_ERRORS {
-            self.disk_errors_logged += 1;
-            log::warn!("virtio-blk {}: {what} failed: {e}", self.id);
-        } else {
-            log::debug!("virtio-blk {}: {what} failed: {e}", self.id);
-        }
+        let level = self.disk_errors.level();
+        log::log!(level, "virtio-blk {}: {what} failed: {e}", self.id);
     }
 
     /// Syncs the image if the driver did not negotiate a write cache.

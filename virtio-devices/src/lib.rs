@@ -6,6 +6,7 @@
 pub mod block;
 pub mod console;
 pub mod device;
+mod log_budget;
 pub mod net;
 pub mod pci;
 pub mod rng;

@@ -9,6 +9,7 @@ use devices::bus::lock;
 use devices::{Bus, BusDevice, BusError};
 
 use super::{Bar, PciConfiguration, PciDevice, PciIdentity};
+use crate::log_budget::LogBudget;
 
 pub const PCI_CONFIG_ADDRESS_PORT: u64 = 0xcf8;
 pub const PCI_CONFIG_PORTS_LEN: u64 = 8;
@@ -69,6 +70,7 @@ pub struct PciRoot {
     mmio: Weak<Bus>,
     /// The 0xCF8 address register.
     config_address: u32,
+    warnings: LogBudget,
 }
 
 impl PciRoot {
@@ -93,6 +95,7 @@ impl PciRoot {
             slots,
             mmio: Arc::downgrade(mmio),
             config_address: 0,
+            warnings: LogBudget::default(),
         }
     }
 
@@ -175,7 +178,8 @@ impl PciRoot {
                     *mapped = new;
                 }
                 Err(e) => {
-                    log::warn!(
+                    log::log!(
+                        self.warnings.level(),
                         "PCI {slot:02x}.0: cannot move BAR {} to {:#x}: {e}",
                         new.index,
                         new.addr

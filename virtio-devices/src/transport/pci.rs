@@ -14,6 +14,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ActiveQueue, QueueInterrupt, VirtioDevice};
+use crate::log_budget::LogBudget;
 use crate::pci::msix::{self, MsiRouter, MsixTable};
 use crate::pci::{Bar, PciConfiguration, PciDevice, PciIdentity};
 use crate::GuestMemoryMmap;
@@ -136,6 +137,7 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     queues: Vec<QueueSetup>,
     active: bool,
+    warnings: LogBudget,
 }
 
 impl VirtioPciDevice {
@@ -220,6 +222,7 @@ impl VirtioPciDevice {
             queue_select: 0,
             queues: max_sizes.into_iter().map(QueueSetup::new).collect(),
             active: false,
+            warnings: LogBudget::default(),
         })
     }
 
@@ -331,7 +334,8 @@ impl VirtioPciDevice {
         if newly & STATUS_FEATURES_OK != 0 {
             let unknown = self.driver_features & !self.offered;
             if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                log::warn!(
+                log::log!(
+                    self.warnings.level(),
                     "{}: driver features {:#x} refused (offered {:#x})",
                     self.id,
                     self.driver_features,
@@ -342,12 +346,20 @@ impl VirtioPciDevice {
         }
         if newly & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 && !self.active {
             if let Err(e) = self.activate() {
-                log::error!("{}: {e}; the device needs a reset", self.id);
+                log::log!(
+                    self.warnings.level(),
+                    "{}: {e}; the device needs a reset",
+                    self.id
+                );
                 self.status |= STATUS_NEEDS_RESET;
             }
         }
-        if status & STATUS_FAILED != 0 {
-            log::warn!("{}: the driver gave up on the device", self.id);
+        if newly & STATUS_FAILED != 0 {
+            log::log!(
+                self.warnings.level(),
+                "{}: the driver gave up on the device",
+                self.id
+            );
         }
     }
 
