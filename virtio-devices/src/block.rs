@@ -24,7 +24,7 @@
 //! carries less than 4 GiB) uses bounded memory and no allocation once the
 //! buffer has grown. Discard and write-zeroes ranges are handed to the image
 //! in pieces of at most [`ZERO_CHUNK`] bytes so that other queues can reach
-//! the disk in between.
+//! the disk in between, and a device reset need not wait for the rest.
 //!
 //! On a raw image, reads and writes go instead through an io_uring per
 //! queue ([`uring`]), straight between guest memory and the file, many at a
@@ -44,7 +44,7 @@ mod uring;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ::block::{BlockError, DiskImage};
@@ -75,8 +75,10 @@ pub const MAX_QUEUES: u16 = 256;
 pub const MAX_DESCRIPTORS_PER_REQUEST: usize = 1024;
 /// Data moves between guest memory and the disk this many bytes at a time.
 pub const IO_CHUNK: usize = 1 << 20;
-/// Discard and write-zeroes reach the image in pieces of at most this size.
-pub const ZERO_CHUNK: u64 = 256 << 20;
+/// Discard and write-zeroes reach the image in pieces of at most this size
+/// (where an image without a fast way has to write zeros: a fraction of a
+/// second on a slow disk).
+pub const ZERO_CHUNK: u64 = 32 << 20;
 /// Segments in one discard or write-zeroes request, at most.
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 /// Sectors in one discard or write-zeroes segment, at most.
@@ -140,6 +142,9 @@ pub struct Block {
     features: u64,
     config: [u8; CONFIG_SIZE],
     counters: Arc<Counters>,
+    /// Set while the workers are being stopped, so that a long discard or
+    /// write-zeroes gives up instead of holding up a reset.
+    stopping: Arc<AtomicBool>,
     workers: Vec<Worker>,
 }
 
@@ -244,6 +249,7 @@ impl Block {
             features,
             config,
             counters: Arc::new(counters),
+            stopping: Arc::new(AtomicBool::new(false)),
             workers: Vec::new(),
         })
     }
@@ -287,6 +293,7 @@ impl Block {
             write_zeroes: has(VIRTIO_BLK_F_WRITE_ZEROES),
             serial: self.serial,
             counters: self.counters.clone(),
+            stopping: self.stopping.clone(),
             queue: usize::from(index),
             rsegs: Vec::new(),
             wsegs: Vec::new(),
@@ -362,8 +369,11 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         // Dropping a worker stops and joins its thread; requests in flight
-        // complete first.
+        // complete first, but a discard or write-zeroes stops at its next
+        // piece.
+        self.stopping.store(true, Ordering::Relaxed);
         self.workers.clear();
+        self.stopping.store(false, Ordering::Relaxed);
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {
@@ -491,6 +501,7 @@ struct BlockHandler {
     write_zeroes: bool,
     serial: [u8; ID_BYTES],
     counters: Arc<Counters>,
+    stopping: Arc<AtomicBool>,
     queue: usize,
     /// Scratch, reused from request to request.
     rsegs: Vec<Seg>,
@@ -928,6 +939,10 @@ impl BlockHandler {
         for &(offset, bytes, unmap) in &ranges[..count] {
             let mut done = 0;
             while done < bytes {
+                if self.stopping.load(Ordering::Relaxed) {
+                    log::debug!("virtio-blk {}: {what} cut short by a reset", self.id);
+                    return (S_IOERR, 0);
+                }
                 let n = (bytes - done).min(ZERO_CHUNK);
                 let result = {
                     let mut disk = lock(&self.disk);

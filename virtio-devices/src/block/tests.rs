@@ -331,6 +331,21 @@ fn discard_not_offered_without_image_support() {
 }
 
 #[test]
+fn reset_cuts_write_zeroes_short() {
+    let mem = memory();
+    let disk = FakeDisk::new(DISK_SECTORS, false);
+    let dev = device(&disk, false);
+    let mut h = dev.handler(ALL, 0);
+    header(&mem, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    segment(&mem, DATA, 0, DISK_SECTORS as u32, 0);
+    // As during a reset: the worker is being stopped.
+    dev.stopping.store(true, Ordering::Relaxed);
+    run(&mem, &mut h, &[&simple(16, R)]);
+    assert_eq!(status(&mem, STATUS), S_IOERR);
+    assert_eq!(disk.changes.load(Ordering::SeqCst), 0);
+}
+
+#[test]
 fn write_zeroes_request() {
     let mem = memory();
     let disk = FakeDisk::new(DISK_SECTORS, false);
