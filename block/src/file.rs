@@ -4,8 +4,12 @@
 //! be aligned to the device's logical block size. Rather than push that onto
 //! every caller (qcow2 metadata updates are 2 or 8 bytes), [`ImageFile`] does
 //! all direct I/O through a bounce buffer aligned to [`DIRECT_ALIGN`], reading
-//! the partial blocks at either end first (read-modify-write). 4096 covers
-//! every logical block size Linux supports for regular filesystems.
+//! the partial blocks at either end first (read-modify-write). The block size
+//! is the file's own (statx `STATX_DIOALIGN`), so that requests aligned to it,
+//! as a guest's are when the device advertises it, never need that: a
+//! read-modify-write racing another write in flight to the same block could
+//! put back stale data. Where the kernel does not say, 4096 covers every
+//! logical block size Linux supports for regular filesystems.
 
 use std::fs::File;
 use std::io;
@@ -15,8 +19,12 @@ use std::path::{Path, PathBuf};
 
 use crate::{BlockError, FlatFile};
 
-/// Alignment of buffers, offsets and lengths for `O_DIRECT` I/O.
+/// Alignment of bounce buffers for `O_DIRECT` I/O, and of offsets and
+/// lengths where the file's own block size is unknown.
 pub(crate) const DIRECT_ALIGN: u64 = 4096;
+
+/// The smallest block size: a disk sector.
+const SECTOR: u64 = 512;
 
 /// Largest bounce buffer used for one direct I/O; bigger requests are split.
 const DIRECT_CHUNK: u64 = 1 << 20;
@@ -50,14 +58,45 @@ impl AlignedBuf {
     }
 }
 
-fn align_down(x: u64) -> u64 {
-    x & !(DIRECT_ALIGN - 1)
+/// Rounds down to `align`, a power of two.
+fn align_down(x: u64, align: u64) -> u64 {
+    x & !(align - 1)
 }
 
-/// Rounds up to [`DIRECT_ALIGN`]; callers only pass offsets of real files,
-/// far below `u64::MAX`, but saturate rather than overflow all the same.
-fn align_up(x: u64) -> u64 {
-    x.saturating_add(DIRECT_ALIGN - 1) & !(DIRECT_ALIGN - 1)
+/// Rounds up to `align`, a power of two; callers only pass offsets of real
+/// files, far below `u64::MAX`, but saturate rather than overflow all the same.
+fn align_up(x: u64, align: u64) -> u64 {
+    x.saturating_add(align - 1) & !(align - 1)
+}
+
+/// The offset and length alignment `O_DIRECT` needs on `file`, as the kernel
+/// reports it, or [`DIRECT_ALIGN`] when it does not (or reports something
+/// outside 512..=4096, which the bounce buffers are not made for).
+fn direct_block_size(file: &File) -> u64 {
+    // SAFETY: statx is all-integer plain data; all zeros is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a valid NUL-terminated string, empty as
+    // AT_EMPTY_PATH asks for to query the fd itself, and `stx` is a valid
+    // statx buffer that outlives the call.
+    let ret = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let align = u64::from(stx.stx_dio_offset_align);
+    if ret == 0
+        && stx.stx_mask & libc::STATX_DIOALIGN != 0
+        && align.is_power_of_two()
+        && (SECTOR..=DIRECT_ALIGN).contains(&align)
+    {
+        align
+    } else {
+        DIRECT_ALIGN
+    }
 }
 
 /// The end of a direct I/O request, refused (like pread/pwrite would) if it
@@ -88,7 +127,7 @@ fn read_until_eof(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize>
 /// Reads the start of a file whether or not it was opened `O_DIRECT`, for
 /// format probing. Returns how many bytes were read (less at end of file).
 pub(crate) fn read_prefix(file: &File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut bounce = AlignedBuf::new(align_up(buf.len() as u64) as usize);
+    let mut bounce = AlignedBuf::new(align_up(buf.len() as u64, DIRECT_ALIGN) as usize);
     let n = read_until_eof(file, bounce.as_mut_slice(), 0)?.min(buf.len());
     buf[..n].copy_from_slice(&bounce.as_slice()[..n]);
     Ok(n)
@@ -120,6 +159,9 @@ pub(crate) struct ImageFile {
     file: File,
     path: PathBuf,
     direct: bool,
+    /// What offsets and lengths of direct I/O must be aligned to (a sector
+    /// when not direct).
+    block_size: u64,
     /// The file's length as far as this process knows: needed so that a
     /// direct write whose last aligned block reaches past the end of the file
     /// can cut the file back to where the write really ended.
@@ -134,10 +176,16 @@ impl ImageFile {
         let len = (&file)
             .seek(SeekFrom::End(0))
             .map_err(|e| BlockError::io(path, "cannot find the file size", e))?;
+        let block_size = if direct {
+            direct_block_size(&file)
+        } else {
+            SECTOR
+        };
         Ok(ImageFile {
             file,
             path: path.to_path_buf(),
             direct,
+            block_size,
             len,
         })
     }
@@ -150,7 +198,13 @@ impl ImageFile {
         FlatFile {
             fd: self.file.as_raw_fd(),
             direct: self.direct,
+            block_size: self.block_size,
         }
+    }
+
+    /// The smallest I/O that needs no read-modify-write.
+    pub(crate) fn block_size(&self) -> u64 {
+        self.block_size
     }
 
     pub(crate) fn len(&self) -> u64 {
@@ -244,11 +298,12 @@ impl ImageFile {
 
     fn read_direct(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = direct_end(offset, buf.len())?;
+        let bs = self.block_size;
         let mut pos = offset;
         while pos < end {
-            let a_start = align_down(pos);
+            let a_start = align_down(pos, bs);
             let chunk_end = end.min(a_start + DIRECT_CHUNK);
-            let a_end = align_up(chunk_end);
+            let a_end = align_up(chunk_end, bs);
             let mut bounce = AlignedBuf::new((a_end - a_start) as usize);
             let n = read_until_eof(&self.file, bounce.as_mut_slice(), a_start)? as u64;
             if a_start + n < chunk_end {
@@ -263,22 +318,23 @@ impl ImageFile {
 
     fn write_direct(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         let end = direct_end(offset, buf.len())?;
+        let bs = self.block_size;
         let mut pos = offset;
         while pos < end {
-            let a_start = align_down(pos);
+            let a_start = align_down(pos, bs);
             let chunk_end = end.min(a_start + DIRECT_CHUNK);
-            let a_end = align_up(chunk_end);
+            let a_end = align_up(chunk_end, bs);
             let mut bounce = AlignedBuf::new((a_end - a_start) as usize);
-            let block = DIRECT_ALIGN as usize;
+            let block = bs as usize;
             let bounce_len = bounce.len;
             // Read-modify-write of the partial blocks at either end; beyond
             // the end of the file they stay zero.
             if pos != a_start {
                 read_until_eof(&self.file, &mut bounce.as_mut_slice()[..block], a_start)?;
             }
-            if chunk_end != a_end && (a_end - a_start > DIRECT_ALIGN || pos == a_start) {
+            if chunk_end != a_end && (a_end - a_start > bs || pos == a_start) {
                 let tail = &mut bounce.as_mut_slice()[bounce_len - block..];
-                read_until_eof(&self.file, tail, a_end - DIRECT_ALIGN)?;
+                read_until_eof(&self.file, tail, a_end - bs)?;
             }
             bounce.as_mut_slice()[(pos - a_start) as usize..(chunk_end - a_start) as usize]
                 .copy_from_slice(&buf[(pos - offset) as usize..(chunk_end - offset) as usize]);
@@ -293,5 +349,34 @@ impl ImageFile {
             pos = chunk_end;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    #[test]
+    fn direct_block_size_is_one_the_kernel_accepts() {
+        let dir = TempDir::new();
+        let path = dir.path().join("disk.raw");
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let plain = ImageFile::new(File::open(&path).unwrap(), &path, false).unwrap();
+        assert_eq!(plain.block_size(), SECTOR);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .unwrap();
+        let direct = ImageFile::new(file, &path, true).unwrap();
+        let bs = direct.block_size();
+        assert!(bs.is_power_of_two() && (SECTOR..=DIRECT_ALIGN).contains(&bs));
+        assert_eq!(direct.flat().block_size, bs);
+        // One block at a block-aligned offset goes straight to the kernel.
+        let mut buf = AlignedBuf::new(bs as usize);
+        let n = direct.file.read_at(buf.as_mut_slice(), bs).unwrap();
+        assert_eq!(n as u64, bs);
     }
 }

@@ -82,6 +82,13 @@ pub trait DiskImage: Send {
     fn flat_file(&self) -> Option<FlatFile> {
         None
     }
+
+    /// The logical block size to advertise to the guest: requests aligned to
+    /// it are served without read-modify-write, which would be unsafe while
+    /// other requests are in flight on a [`flat_file`](DiskImage::flat_file).
+    fn block_size(&self) -> u64 {
+        512
+    }
 }
 
 /// See [`DiskImage::flat_file`]. The fd stays open as long as the image.
@@ -91,6 +98,8 @@ pub struct FlatFile {
     /// Opened with `O_DIRECT`: buffers, offsets and lengths must be aligned
     /// to the device's logical block size, or the kernel says `EINVAL`.
     pub direct: bool,
+    /// That block size (512 when not direct).
+    pub block_size: u64,
 }
 
 /// The formats kite can open.

@@ -149,6 +149,10 @@ impl DiskImage for RawImage {
     fn flat_file(&self) -> Option<FlatFile> {
         Some(self.file.flat())
     }
+
+    fn block_size(&self) -> u64 {
+        self.file.block_size()
+    }
 }
 
 #[cfg(test)]

@@ -28,8 +28,9 @@ use crate::GuestMemoryMmap;
 /// leaving room for any queue depth a guest uses in practice.
 pub(super) const MAX_IN_FLIGHT: u16 = 128;
 
-/// O_DIRECT needs buffers and lengths aligned to the logical block size;
-/// requests not aligned even to 512 go the synchronous (bounce) way at once.
+/// O_DIRECT needs offsets and lengths aligned to the file's block size and
+/// buffers to (at most) 512 bytes; other requests go the synchronous
+/// (bounce) way at once.
 const DIRECT_MIN_ALIGN: u64 = 512;
 
 /// Which way data moves.
@@ -127,7 +128,7 @@ impl Uring {
     /// Queues `request` (not yet submitted: see [`submit`](Self::submit)).
     /// Gives it back when it must be served synchronously instead.
     pub(super) fn push(&mut self, request: Request) -> Result<(), Request> {
-        if self.file.direct && !direct_aligned(&request) {
+        if self.file.direct && !direct_aligned(&request, self.file.block_size) {
             return Err(request);
         }
         let Some(&index) = self.free.last() else {
@@ -227,11 +228,11 @@ impl Drop for Uring {
     }
 }
 
-fn direct_aligned(request: &Request) -> bool {
-    let aligned = |x: u64| x.is_multiple_of(DIRECT_MIN_ALIGN);
-    aligned(request.offset)
+fn direct_aligned(request: &Request, block_size: u64) -> bool {
+    let in_blocks = |x: u64| x.is_multiple_of(block_size);
+    in_blocks(request.offset)
         && request
             .data
             .iter()
-            .all(|s| aligned(s.addr) && aligned(u64::from(s.len)))
+            .all(|s| s.addr.is_multiple_of(DIRECT_MIN_ALIGN) && in_blocks(u64::from(s.len)))
 }
