@@ -1195,6 +1195,8 @@ echo KITE-IO-DONE
     let (code, body) = kite.api("GET", "vm.info", None);
     assert_eq!(code, 200, "{body}");
     let info: Value = serde_json::from_str(&body).unwrap();
+    // The config shows the id kite gave the unnamed disk, as on CH.
+    assert_eq!(info["config"]["disks"][0]["id"], "_disk0", "{body}");
     let tree = info["device_tree"]
         .as_object()
         .unwrap_or_else(|| panic!("{body}"));

@@ -287,6 +287,32 @@ impl VmConfig {
         check_id(&mut ids, &self.rng.id, || "rng.id".to_string())?;
         Ok(())
     }
+
+    /// Names the disks and NICs the client left unnamed as Cloud Hypervisor
+    /// does (one counter, disks first, skipping names in use: `_disk0`,
+    /// `_net1`), so that the config in `vm.info`, the device tree and
+    /// `vm.counters` all use the same names.
+    pub fn name_devices(&mut self) {
+        let mut used: BTreeSet<String> = (self.disks.iter().map(|d| &d.id))
+            .chain(self.net.iter().map(|n| &n.id))
+            .chain([&self.rng.id])
+            .flatten()
+            .cloned()
+            .collect();
+        let mut counter = 0..;
+        let mut fresh = |prefix: &str| {
+            counter
+                .by_ref()
+                .map(|n| format!("{prefix}{n}"))
+                .find(|id| used.insert(id.clone()))
+        };
+        for disk in self.disks.iter_mut().filter(|d| d.id.is_none()) {
+            disk.id = fresh("_disk");
+        }
+        for net in self.net.iter_mut().filter(|n| n.id.is_none()) {
+            net.id = fresh("_net");
+        }
+    }
 }
 
 /// Refuses an empty, reserved or already used device id; records it in `ids`.
@@ -906,6 +932,35 @@ mod tests {
             }]
         );
         assert_eq!(config.rng, RngConfig::default());
+    }
+
+    #[test]
+    fn unnamed_devices_are_named_as_cloud_hypervisor_does() {
+        let mut config = minimal();
+        let disk = |id: Option<&str>| DiskConfig {
+            id: id.map(Into::into),
+            ..DiskConfig::new("/d")
+        };
+        let net = |id: Option<&str>| NetConfig {
+            id: id.map(Into::into),
+            ..NetConfig::default()
+        };
+        config.disks = vec![disk(None), disk(Some("_disk1")), disk(None)];
+        config.net = vec![net(None), net(Some("lan"))];
+        config.name_devices();
+        let ids = |v: Vec<&Option<String>>| v.into_iter().flatten().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            ids(config.disks.iter().map(|d| &d.id).collect()),
+            ["_disk0", "_disk1", "_disk2"]
+        );
+        assert_eq!(
+            ids(config.net.iter().map(|n| &n.id).collect()),
+            ["_net3", "lan"]
+        );
+        // Named once, the names stay (a reboot rebuilds from this config).
+        let before = config.clone();
+        config.name_devices();
+        assert_eq!(config, before);
     }
 
     #[test]

@@ -260,7 +260,8 @@ impl ControlLoop {
                 let inst = instance_in(
                     &mut self.instance,
                     "press the power button of",
-                    &[VmState::Running],
+                    // A paused guest sees the press when it runs again.
+                    &[VmState::Running, VmState::Paused],
                 )?;
                 if let Some(vm) = &inst.vm {
                     vm.power_button()
@@ -288,6 +289,7 @@ impl ControlLoop {
         config
             .validate()
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        config.name_devices();
         crate::host::check_fits(&config).map_err(ApiError::BadRequest)?;
         let consoles = Consoles::open(&config.serial, &config.console)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;

@@ -192,20 +192,13 @@ impl DeviceManager {
         config: &VmConfig,
         console: &ConsoleSink,
     ) -> Result<(), DeviceError> {
-        let mut used_ids: Vec<String> = config.disks.iter().filter_map(|d| d.id.clone()).collect();
-        let mut next_disk = 0;
+        // vm.create names every device (VmConfig::name_devices).
+        let named = |id: &Option<String>, what: &str| {
+            id.clone()
+                .ok_or_else(|| DeviceError::Config(format!("a {what} has no id")))
+        };
         for disk in &config.disks {
-            let id = match &disk.id {
-                Some(id) => id.clone(),
-                None => loop {
-                    let id = format!("_disk{next_disk}");
-                    next_disk += 1;
-                    if !used_ids.contains(&id) {
-                        used_ids.push(id.clone());
-                        break id;
-                    }
-                },
-            };
+            let id = named(&disk.id, "disk")?;
             let opts = block::OpenOptions {
                 readonly: disk.readonly,
                 direct: disk.direct,
@@ -228,8 +221,8 @@ impl DeviceManager {
             .map_err(|e| DeviceError::Config(e.to_string()))?;
             self.add_virtio(id, Box::new(dev))?;
         }
-        for (n, net) in config.net.iter().enumerate() {
-            let id = net.id.clone().unwrap_or_else(|| format!("__net{n}"));
+        for net in &config.net {
+            let id = named(&net.id, "NIC")?;
             let config_err = |e: &dyn std::fmt::Display| DeviceError::Config(format!("{id}: {e}"));
             let taps = match &net.fds {
                 Some(fds) => Tap::from_fds(fds, net.mtu),
