@@ -46,6 +46,7 @@ use std::fmt;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use ::block::{BlockError, DiskImage};
 use virtio_bindings::virtio_blk::{
@@ -112,12 +113,59 @@ struct Counters {
     write_bytes: AtomicU64,
     read_ops: AtomicU64,
     write_ops: AtomicU64,
+    read_latency: Latency,
+    write_latency: Latency,
     flush_ops: AtomicU64,
     discard_ops: AtomicU64,
     write_zeroes_ops: AtomicU64,
     errors: AtomicU64,
     /// Requests completed, per queue.
     queue_requests: Vec<AtomicU64>,
+}
+
+/// How long requests of one kind took, from the worker taking them off the
+/// queue to their completion, in microseconds.
+struct Latency {
+    min: AtomicU64,
+    max: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency {
+            min: AtomicU64::new(u64::MAX),
+            max: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Latency {
+    fn record(&self, started: Instant) {
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.min.fetch_min(micros, Ordering::Relaxed);
+        self.max.fetch_max(micros, Ordering::Relaxed);
+        self.total.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Cloud Hypervisor's `<kind>_latency_min|max|avg` for `ops` requests
+    /// (all 0 before the first).
+    fn report(&self, kind: &str, ops: u64, m: &mut BTreeMap<String, u64>) {
+        let load = |v: &AtomicU64| {
+            if ops == 0 {
+                0
+            } else {
+                v.load(Ordering::Relaxed)
+            }
+        };
+        m.insert(format!("{kind}_latency_min"), load(&self.min));
+        m.insert(format!("{kind}_latency_max"), load(&self.max));
+        m.insert(
+            format!("{kind}_latency_avg"),
+            load(&self.total) / ops.max(1),
+        );
+    }
 }
 
 type SharedDisk = Arc<Mutex<Box<dyn DiskImage>>>;
@@ -397,6 +445,10 @@ impl VirtioDevice for Block {
         for (i, v) in c.queue_requests.iter().enumerate() {
             m.insert(format!("queue{i}_requests"), v.load(Ordering::Relaxed));
         }
+        c.read_latency
+            .report("read", c.read_ops.load(Ordering::Relaxed), &mut m);
+        c.write_latency
+            .report("write", c.write_ops.load(Ordering::Relaxed), &mut m);
         m
     }
 }
@@ -696,6 +748,7 @@ impl BlockHandler {
         data: &mut Cursor,
         len: u64,
     ) -> Outcome {
+        let started = Instant::now();
         if op == Op::Write && self.readonly {
             log::debug!("virtio-blk {}: write to a read-only disk", self.id);
             return Outcome::Done(S_IOERR, 0);
@@ -712,7 +765,9 @@ impl BlockHandler {
             return Outcome::Done(S_IOERR, 0);
         };
         if self.uring.is_none() {
-            return self.transfer_sync(op, mem, offset, data, len).into();
+            return self
+                .transfer_sync(op, mem, offset, data, len, started)
+                .into();
         }
         let request = Request {
             op,
@@ -721,12 +776,15 @@ impl BlockHandler {
             offset,
             len,
             data: data.rest(),
+            started,
         };
         match self.queue(request) {
             Ok(()) => Outcome::Queued,
-            Err(r) => self
-                .transfer_sync(op, mem, offset, &mut Cursor::new(&r.data), len)
-                .into(),
+            Err(r) => {
+                let mut data = Cursor::new(&r.data);
+                self.transfer_sync(op, mem, offset, &mut data, len, started)
+                    .into()
+            }
         }
     }
 
@@ -737,10 +795,11 @@ impl BlockHandler {
         offset: u64,
         data: &mut Cursor,
         len: u64,
+        started: Instant,
     ) -> (u8, u32) {
         match op {
-            Op::Read => self.read_sync(mem, offset, data, len),
-            Op::Write => self.write_sync(mem, offset, data, len),
+            Op::Read => self.read_sync(mem, offset, data, len, started),
+            Op::Write => self.write_sync(mem, offset, data, len, started),
         }
     }
 
@@ -750,6 +809,7 @@ impl BlockHandler {
         offset: u64,
         writer: &mut Cursor,
         len: u64,
+        started: Instant,
     ) -> (u8, u32) {
         let mut done = 0u64;
         while done < len {
@@ -765,10 +825,11 @@ impl BlockHandler {
             }
             done += n as u64;
         }
-        self.count_read(len)
+        self.count_read(len, started)
     }
 
-    fn count_read(&self, len: u64) -> (u8, u32) {
+    fn count_read(&self, len: u64, started: Instant) -> (u8, u32) {
+        self.counters.read_latency.record(started);
         self.counters.read_ops.fetch_add(1, Ordering::Relaxed);
         self.counters.read_bytes.fetch_add(len, Ordering::Relaxed);
         // A chain carries less than 4 GiB, so len fits.
@@ -781,6 +842,7 @@ impl BlockHandler {
         offset: u64,
         reader: &mut Cursor,
         len: u64,
+        started: Instant,
     ) -> (u8, u32) {
         let mut done = 0u64;
         while done < len {
@@ -799,10 +861,11 @@ impl BlockHandler {
         if !self.sync_if_writethrough() {
             return (S_IOERR, 0);
         }
-        self.count_write(len)
+        self.count_write(len, started)
     }
 
-    fn count_write(&self, len: u64) -> (u8, u32) {
+    fn count_write(&self, len: u64, started: Instant) -> (u8, u32) {
+        self.counters.write_latency.record(started);
         self.counters.write_ops.fetch_add(1, Ordering::Relaxed);
         self.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
         (S_OK, 0)
@@ -845,15 +908,18 @@ impl BlockHandler {
         let r = c.request;
         let (status, written) = match u64::try_from(c.result) {
             Ok(n) if n == r.len => match r.op {
-                Op::Read => self.count_read(r.len),
-                Op::Write => self.count_write(r.len),
+                Op::Read => self.count_read(r.len, r.started),
+                Op::Write => self.count_write(r.len, r.started),
             },
             Err(_) if c.result != -libc::EINVAL => {
                 let e = std::io::Error::from_raw_os_error(-c.result);
                 self.disk_error(r.op.name(), &format_args!("at byte {}: {e}", r.offset));
                 (S_IOERR, 0)
             }
-            _ => self.transfer_sync(r.op, mem, r.offset, &mut Cursor::new(&r.data), r.len),
+            _ => {
+                let mut data = Cursor::new(&r.data);
+                self.transfer_sync(r.op, mem, r.offset, &mut data, r.len, r.started)
+            }
         };
         (r.head, self.put_status(mem, r.status, status, written))
     }

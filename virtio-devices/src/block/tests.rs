@@ -29,6 +29,8 @@ struct FakeDisk {
     flushes: Arc<AtomicU64>,
     changes: Arc<AtomicU64>,
     discard: bool,
+    /// How long each read takes.
+    read_delay: std::time::Duration,
 }
 
 impl FakeDisk {
@@ -41,6 +43,7 @@ impl FakeDisk {
             flushes: Arc::new(AtomicU64::new(0)),
             changes: Arc::new(AtomicU64::new(0)),
             discard,
+            read_delay: std::time::Duration::ZERO,
         }
     }
 
@@ -67,6 +70,7 @@ impl DiskImage for FakeDisk {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
+        std::thread::sleep(self.read_delay);
         let r = self.range(offset, buf.len() as u64);
         buf.copy_from_slice(&self.data.lock().unwrap()[r]);
         Ok(())
@@ -177,6 +181,29 @@ fn read_request() {
     let c = dev.counters();
     assert_eq!((c["read_ops"], c["read_bytes"]), (1, 1024));
     assert_eq!(c["queue0_requests"], 1);
+}
+
+#[test]
+fn latency_counters() {
+    let mem = memory();
+    let mut disk = FakeDisk::new(DISK_SECTORS, false);
+    disk.read_delay = std::time::Duration::from_millis(3);
+    let dev = device(&disk, false);
+    let latency = |kind: &str| {
+        let c = dev.counters();
+        let get = |what: &str| c[&format!("{kind}_latency_{what}")];
+        (get("min"), get("avg"), get("max"))
+    };
+    assert_eq!(latency("read"), (0, 0, 0), "before any request");
+    let mut h = dev.handler(ALL, 0);
+    for _ in 0..2 {
+        header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+        run(&mem, &mut h, &[&simple(512, W)]);
+        assert_eq!(status(&mem, STATUS), S_OK);
+    }
+    let (min, avg, max) = latency("read");
+    assert!(3000 <= min && min <= avg && avg <= max, "{min} {avg} {max}");
+    assert_eq!(latency("write"), (0, 0, 0), "no writes yet");
 }
 
 #[test]

@@ -13,6 +13,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
 
 use block::FlatFile;
 use io_uring::{opcode, types, IoUring};
@@ -60,6 +61,8 @@ pub(super) struct Request {
     pub len: u64,
     /// The data buffers in guest memory, for a synchronous retry.
     pub data: Vec<Seg>,
+    /// When the worker took it off the queue (for the latency counters).
+    pub started: Instant,
 }
 
 /// A finished request and the kernel's result (bytes moved, or -errno).
