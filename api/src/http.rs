@@ -2,10 +2,11 @@
 //! Hypervisor's (`/api/v1/...`, JSON bodies, errors as a JSON array of
 //! strings, as CH's `error_response` sends them).
 //!
-//! One thread serves one connection at a time. The API is a control plane with
+//! One thread serves one request at a time. The API is a control plane with
 //! a client or two, and serving sequentially keeps VM state changes strictly
-//! ordered. So that one client cannot starve the others, an idle keep-alive
-//! connection gives way as soon as another client connects, and a client
+//! ordered. A keep-alive connection that goes quiet is parked, still open,
+//! while the thread serves whichever client (new or parked) has a request,
+//! so clients that keep a pool of connections can use any of them; a client
 //! that stalls in mid-request while another waits loses its turn (408).
 //!
 //! Per request the server does one read (usually), one channel round trip to
@@ -43,11 +44,13 @@ pub const MAX_HEADERS: usize = 32;
 /// How long a client may take to send the rest of a started request.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long an idle keep-alive connection stays open when nobody else waits.
-const IDLE_TIMEOUT_MS: i32 = 60_000;
-/// How long an idle connection keeps priority over a waiting client, so a
-/// client sending requests back to back is not cut off between them.
+/// How long an idle keep-alive connection stays open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection keeps the server between two requests before it is
+/// parked, so a client sending requests back to back is served at once.
 const GRACE_MS: i32 = 20;
+/// Idle connections kept open at most; beyond that the longest idle closes.
+const MAX_PARKED: usize = 32;
 /// How long a client may stall in mid-request while another one waits.
 const STALL_GRACE_MS: i32 = 100;
 const READ_CHUNK: usize = 4096;
@@ -194,8 +197,18 @@ enum Flow {
     Stop,
 }
 
+/// An idle keep-alive connection, waiting for its next request.
+struct Parked {
+    stream: UnixStream,
+    since: Instant,
+}
+
 struct Server {
     listener: UnixListener,
+    parked: Vec<Parked>,
+    /// The listener's and the parked connections' fds: where other clients
+    /// wait while one is served.
+    others: Vec<RawFd>,
     sender: ApiSender,
     /// Received bytes not yet consumed (may hold a pipelined next request).
     buf: Vec<u8>,
@@ -209,8 +222,11 @@ struct Server {
 
 impl Server {
     fn new(listener: UnixListener, sender: ApiSender) -> Server {
+        let others = vec![listener.as_raw_fd()];
         Server {
             listener,
+            parked: Vec::new(),
+            others,
             sender,
             buf: Vec::with_capacity(READ_CHUNK),
             body: Vec::with_capacity(READ_CHUNK),
@@ -221,15 +237,8 @@ impl Server {
 
     fn run(mut self) {
         loop {
-            let stream = match self.listener.accept() {
-                Ok((stream, _)) => stream,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // E.g. out of file descriptors: back off, don't spin.
-                    warn!("API server: accept failed: {e}");
-                    thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
+            let Some(stream) = self.next_connection() else {
+                continue;
             };
             // A bug must cost one connection, not the API.
             let served = panic::catch_unwind(AssertUnwindSafe(|| self.serve(stream)));
@@ -242,44 +251,119 @@ impl Server {
         info!("API server stopped");
     }
 
-    fn serve(&mut self, mut stream: UnixStream) -> Flow {
+    /// Waits for a connection with something to say: a parked one (first:
+    /// they were here before) or a new one. Closes parked connections that
+    /// stayed idle too long.
+    fn next_connection(&mut self) -> Option<UnixStream> {
+        let now = Instant::now();
+        let before = self.parked.len();
+        self.parked
+            .retain(|p| now.duration_since(p.since) < IDLE_TIMEOUT);
+        if self.parked.len() != before {
+            self.parked_changed();
+        }
+        let timeout = match self.parked.first() {
+            Some(oldest) => {
+                let left = IDLE_TIMEOUT.saturating_sub(now.duration_since(oldest.since));
+                left.as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+            None => -1,
+        };
+        let mut fds: Vec<libc::pollfd> = (self.others.iter())
+            .map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfds that outlives the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                warn!("API server: poll failed: {e}");
+                thread::sleep(Duration::from_millis(10));
+            }
+            return None;
+        }
+        if n == 0 {
+            // Parked connections timed out: closed next round.
+            return None;
+        }
+        if let Some(i) = fds[1..].iter().position(|f| f.revents != 0) {
+            let parked = self.parked.remove(i);
+            self.parked_changed();
+            return Some(parked.stream);
+        }
+        match self.listener.accept() {
+            Ok((stream, _)) => Some(stream),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+            Err(e) => {
+                // E.g. out of file descriptors: back off, don't spin.
+                warn!("API server: accept failed: {e}");
+                thread::sleep(Duration::from_millis(10));
+                None
+            }
+        }
+    }
+
+    /// Keeps an idle keep-alive connection open for its next request.
+    fn park(&mut self, stream: UnixStream) {
+        if self.parked.len() == MAX_PARKED {
+            debug!("API server: too many idle connections; closing the longest idle");
+            self.parked.remove(0);
+        }
+        self.parked.push(Parked {
+            stream,
+            since: Instant::now(),
+        });
+        self.parked_changed();
+    }
+
+    fn parked_changed(&mut self) {
+        self.others.truncate(1);
+        (self.others).extend(self.parked.iter().map(|p| p.stream.as_raw_fd()));
+    }
+
+    fn serve(&mut self, stream: UnixStream) -> Flow {
         self.buf.clear();
         if self.buf.capacity() > 64 << 10 {
             // Don't keep a large body's buffer for the process's lifetime.
             self.buf = Vec::with_capacity(READ_CHUNK);
         }
-        self.serve_requests(&mut stream)
+        self.serve_requests(stream)
     }
 
-    fn serve_requests(&mut self, stream: &mut UnixStream) -> Flow {
+    fn serve_requests(&mut self, mut stream: UnixStream) -> Flow {
         let mut first = true;
         loop {
-            // Between requests, give way to a waiting client (not before the
-            // first: a new client may not have written yet).
-            if !first && self.buf.is_empty() && !self.next_request_comes(stream) {
+            // Between requests, a connection that stays quiet is parked (not
+            // before the first: a new client may not have written yet).
+            if !first && self.buf.is_empty() && !request_within_grace(&stream) {
+                self.park(stream);
                 return Flow::Continue;
             }
             first = false;
-            let head = match self.read_head(stream) {
+            let head = match self.read_head(&mut stream) {
                 Ok(Some(head)) => head,
                 Ok(None) => return Flow::Continue,
                 Err(failure) => {
-                    self.refuse(stream, &failure);
+                    self.refuse(&mut stream, &failure);
                     return Flow::Continue;
                 }
             };
             let start = Instant::now();
             let total = head.len + head.content_length;
             if head.expect_continue && self.buf.len() < total {
-                let _ = send_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n");
+                let _ = send_all(&stream, b"HTTP/1.1 100 Continue\r\n\r\n");
             }
-            if !self.read_to(stream, total) {
+            if !self.read_to(&mut stream, total) {
                 return Flow::Continue;
             }
             let outcome = self.dispatch(&head, total);
             let flow = outcome.flow;
             let keep_alive = head.keep_alive && flow == Flow::Continue;
-            let written = send_all(stream, &self.out);
+            let written = send_all(&stream, &self.out);
             outcome.log(&head, start);
             if let Err(e) = written {
                 debug!("API server: cannot write the response: {e}");
@@ -292,47 +376,6 @@ impl Server {
         }
     }
 
-    /// Waits for the next request on an idle connection; false when it is
-    /// better closed (another client is waiting, or it stayed idle too long).
-    fn next_request_comes(&self, stream: &UnixStream) -> bool {
-        let mut fds = [
-            libc::pollfd {
-                fd: stream.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // First only this connection, for a grace period; then either.
-        for (watched, timeout_ms) in [(1, GRACE_MS), (2, IDLE_TIMEOUT_MS)] {
-            loop {
-                // SAFETY: `fds` is a valid array of `watched` pollfds that
-                // outlives the call.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), watched, timeout_ms) };
-                if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                if n < 0 {
-                    // Can't tell: let the blocking read (with its timeout) decide.
-                    return true;
-                }
-                if fds[0].revents != 0 {
-                    return true;
-                }
-                if n > 0 {
-                    // Another client is waiting.
-                    return false;
-                }
-                break;
-            }
-        }
-        false
-    }
-
     fn read_head(&mut self, stream: &mut UnixStream) -> Result<Option<Head>, Failure> {
         loop {
             if !self.buf.is_empty() {
@@ -340,7 +383,7 @@ impl Server {
                     return Ok(Some(head));
                 }
             }
-            match fill(stream, self.listener.as_raw_fd(), &mut self.buf, READ_CHUNK) {
+            match fill(stream, &self.others, &mut self.buf, READ_CHUNK) {
                 Ok(0) if self.buf.is_empty() => return Ok(None),
                 Ok(0) => return Err(Failure::bad("the connection closed in mid-request")),
                 Ok(_) => {}
@@ -358,7 +401,7 @@ impl Server {
     fn read_to(&mut self, stream: &mut UnixStream, total: usize) -> bool {
         while self.buf.len() < total {
             let missing = total - self.buf.len();
-            match fill(stream, self.listener.as_raw_fd(), &mut self.buf, missing) {
+            match fill(stream, &self.others, &mut self.buf, missing) {
                 Ok(0) => {
                     debug!("API server: connection closed in mid-body");
                     return false;
@@ -482,7 +525,7 @@ fn route_action(endpoint: Endpoint, body: &[u8]) -> Result<ApiAction, String> {
 /// Reads once (up to `want` bytes, at least a chunk) onto the end of `buf`.
 fn fill(
     stream: &mut UnixStream,
-    listener: RawFd,
+    others: &[RawFd],
     buf: &mut Vec<u8>,
     want: usize,
 ) -> io::Result<usize> {
@@ -508,7 +551,7 @@ fn fill(
         match e.kind() {
             io::ErrorKind::Interrupted => continue,
             io::ErrorKind::WouldBlock if !waited => {
-                if let Err(e) = wait_readable(stream, listener) {
+                if let Err(e) = wait_readable(stream, others) {
                     break Err(e);
                 }
                 waited = true;
@@ -565,34 +608,32 @@ fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Waits until `stream` has data, at most [`READ_TIMEOUT`]. The server
-/// serves one connection at a time, so a client that stalls for longer than
-/// [`STALL_GRACE_MS`] while another one is waiting on `listener` loses its
-/// turn (a `TimedOut` error, answered with 408) instead of blocking the API.
-fn wait_readable(stream: &UnixStream, listener: RawFd) -> io::Result<()> {
+/// serves one request at a time, so a client that stalls for longer than
+/// [`STALL_GRACE_MS`] while another one is waiting on one of `others` (the
+/// listener, parked connections) loses its turn (a `TimedOut` error,
+/// answered with 408) instead of blocking the API.
+fn wait_readable(stream: &UnixStream, others: &[RawFd]) -> io::Result<()> {
     let deadline = Instant::now() + READ_TIMEOUT;
-    let mut fds = [
-        libc::pollfd {
-            fd: stream.as_raw_fd(),
+    let mut fds: Vec<libc::pollfd> = std::iter::once(stream.as_raw_fd())
+        .chain(others.iter().copied())
+        .map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        },
-        libc::pollfd {
-            fd: listener,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // First either fd; once another client waits, this one only gets the
+        })
+        .collect();
+    // First every fd; once another client waits, this one only gets the
     // grace period.
-    let mut watched = 2;
+    let mut watched = fds.len();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut timeout = left.as_millis().min(i32::MAX as u128) as i32;
         if watched == 1 {
             timeout = timeout.min(STALL_GRACE_MS);
         }
-        // SAFETY: `fds` holds `watched` valid pollfds and outlives the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), watched, timeout) };
+        // SAFETY: `fds` holds at least `watched` valid pollfds and outlives
+        // the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), watched as libc::nfds_t, timeout) };
         if n < 0 {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -607,6 +648,24 @@ fn wait_readable(stream: &UnixStream, listener: RawFd) -> io::Result<()> {
             return Err(io::ErrorKind::TimedOut.into());
         }
         watched = 1;
+    }
+}
+
+/// Whether the next request on a keep-alive connection starts within
+/// [`GRACE_MS`] (or the client hangs up, which the read then sees).
+fn request_within_grace(stream: &UnixStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd that outlives the call.
+        let n = unsafe { libc::poll(&mut fd, 1, GRACE_MS) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return n != 0;
     }
 }
 
@@ -1403,15 +1462,35 @@ mod tests {
     }
 
     #[test]
-    fn idle_connection_gives_way() {
+    fn idle_connections_stay_open_and_usable() {
         let server = start();
-        let mut idle = connect(&server);
-        assert_eq!(send(&mut idle, &get("vmm.ping")).status, 200);
-        // `idle` stays open; another client must not wait for it to time out.
-        let started = Instant::now();
+        let mut a = connect(&server);
+        let mut b = connect(&server);
+        // Interleaved, as a client with a pool of connections sends them.
+        for round in 0..3 {
+            for (name, stream) in [("a", &mut a), ("b", &mut b)] {
+                let started = Instant::now();
+                assert_eq!(send(stream, &get("vmm.ping")).status, 200, "{name} {round}");
+                // An idle connection never holds up another for long.
+                assert!(started.elapsed() < Duration::from_secs(2), "{name} {round}");
+            }
+            assert_alive(&server);
+        }
+    }
+
+    #[test]
+    fn too_many_idle_connections_close_the_longest_idle() {
+        let server = start();
+        let mut streams: Vec<UnixStream> = (0..=MAX_PARKED).map(|_| connect(&server)).collect();
+        for stream in &mut streams {
+            assert_eq!(send(stream, &get("vmm.ping")).status, 200);
+            // Let it be parked before the next one comes.
+            std::thread::sleep(Duration::from_millis(GRACE_MS as u64 * 2));
+        }
         assert_alive(&server);
-        assert!(started.elapsed() < Duration::from_secs(2));
-        assert_closed(&mut idle);
+        assert_closed(&mut streams[0]);
+        let last = streams.last_mut().unwrap();
+        assert_eq!(send(last, &get("vmm.ping")).status, 200);
     }
 
     #[test]
