@@ -1,8 +1,8 @@
-//! The ACPI hardware-reduced sleep/reset port and PM timer, at the same ports
-//! and with the same values as Cloud Hypervisor: writing 0x34 (SLP_TYP=5 for
-//! S5, SLP_EN) to 0x600 powers off, writing 1 resets; 0x608 is the PM timer.
-
-use std::time::Instant;
+//! The ACPI hardware-reduced sleep/reset port, at the same port and with the
+//! same values as Cloud Hypervisor: writing 0x34 (SLP_TYP=5 for S5, SLP_EN)
+//! to 0x600 powers off, writing 1 resets. There is no PM timer: a
+//! hardware-reduced platform has none (the FADT fields are to be ignored),
+//! and guests keep time with kvm-clock and the TSC.
 
 use crate::bus::BusDevice;
 use crate::vm_event::{VmEvent, VmEventSender};
@@ -14,10 +14,6 @@ pub const ACPI_SLEEP_PORT_LEN: u64 = 8;
 pub const ACPI_RESET_VALUE: u8 = 1;
 /// SLP_TYP for S5 as the DSDT's `_S5_` says, shifted into place, plus SLP_EN.
 pub const ACPI_S5_SLEEP_VALUE: u8 = (5 << 2) | (1 << 5);
-
-pub const ACPI_PM_TIMER_PORT: u64 = 0x608;
-pub const ACPI_PM_TIMER_LEN: u64 = 4;
-const PM_TIMER_HZ: u128 = 3_579_545;
 
 pub struct AcpiSleep {
     events: VmEventSender,
@@ -52,31 +48,6 @@ impl BusDevice for AcpiSleep {
     }
 }
 
-/// A free-running 32-bit counter at 3.579545 MHz.
-pub struct AcpiPmTimer {
-    start: Instant,
-}
-
-impl Default for AcpiPmTimer {
-    fn default() -> Self {
-        AcpiPmTimer {
-            start: Instant::now(),
-        }
-    }
-}
-
-impl BusDevice for AcpiPmTimer {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let ticks = (self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000) as u32;
-        let bytes = ticks.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = bytes.get(offset as usize + i).copied().unwrap_or(0);
-        }
-    }
-
-    fn write(&mut self, _offset: u64, _data: &[u8]) {}
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,16 +67,5 @@ mod tests {
         assert_eq!(rx.try_recv(), Ok(VmEvent::Reset));
         assert!(rx.try_recv().is_err());
         assert_eq!(wake.read().unwrap(), 2);
-    }
-
-    #[test]
-    fn pm_timer_advances() {
-        let mut t = AcpiPmTimer::default();
-        let mut a = [0u8; 4];
-        t.read(0, &mut a);
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let mut b = [0u8; 4];
-        t.read(0, &mut b);
-        assert!(u32::from_le_bytes(b) > u32::from_le_bytes(a));
     }
 }

@@ -13,7 +13,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::{GenericAddress, Sdt};
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use devices::acpi_pm::{ACPI_PM_TIMER_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_PORT};
+use devices::acpi_pm::{ACPI_RESET_VALUE, ACPI_SLEEP_PORT};
 use devices::ged::{GED_MMIO_LEN, GED_POWER_BUTTON};
 use devices::serial::{COM1_IRQ, COM1_PORT};
 use vm_memory::{Bytes, GuestAddress};
@@ -155,27 +155,20 @@ fn dsdt() -> Sdt {
 
 fn fadt(dsdt_addr: u64) -> Sdt {
     let mut fadt = Sdt::new(*b"FACP", FADT_LEN, 6, OEM_ID, table_id(b"FACP"), 1);
-    const PM_TMR_BLK: usize = 76;
-    const PM_TMR_LEN: usize = 91;
     const FLAGS: usize = 112;
     const RESET_REG: usize = 116;
     const RESET_VALUE: usize = 128;
     const MINOR_VERSION: usize = 131;
     const X_DSDT: usize = 140;
-    const X_PM_TMR_BLK: usize = 208;
     const SLEEP_CONTROL_REG: usize = 244;
     const SLEEP_STATUS_REG: usize = 256;
     const HYPERVISOR_ID: usize = 268;
     // PWR_BUTTON and SLP_BUTTON: buttons are control-method devices;
-    // TMR_VAL_EXT: 32-bit PM timer; RESET_REG_SUP; HW_REDUCED_ACPI.
-    let flags: u32 = (1 << 4) | (1 << 5) | (1 << 8) | (1 << 10) | (1 << 20);
+    // RESET_REG_SUP; HW_REDUCED_ACPI. A hardware-reduced platform has no PM
+    // timer (its FADT fields are to be ignored; Linux would still spend 5 ms
+    // verifying one at boot).
+    let flags: u32 = (1 << 4) | (1 << 5) | (1 << 10) | (1 << 20);
     fadt.write(FLAGS, flags);
-    fadt.write(PM_TMR_BLK, ACPI_PM_TIMER_PORT as u32);
-    fadt.write(PM_TMR_LEN, 4u8);
-    fadt.write(
-        X_PM_TMR_BLK,
-        GenericAddress::io_port_address::<u32>(ACPI_PM_TIMER_PORT as u16),
-    );
     fadt.write(
         RESET_REG,
         GenericAddress::io_port_address::<u8>(ACPI_SLEEP_PORT as u16),
@@ -293,6 +286,10 @@ mod tests {
             .collect();
         let fadt = read_table(entries[0]);
         assert_eq!(&fadt[..4], b"FACP");
+        // Hardware-reduced, so no PM timer (PM_TMR_BLK, X_PM_TMR_BLK).
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & 1 << 20, 0);
+        assert!(fadt[76..80].iter().chain(&fadt[208..220]).all(|&b| b == 0));
         let dsdt = read_table(u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));

@@ -7,10 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use api::config::{ImageType, VmConfig};
 use api::DeviceNode;
-use devices::acpi_pm::{
-    AcpiPmTimer, AcpiSleep, ACPI_PM_TIMER_LEN, ACPI_PM_TIMER_PORT, ACPI_SLEEP_PORT,
-    ACPI_SLEEP_PORT_LEN,
-};
+use devices::acpi_pm::{AcpiSleep, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_LEN};
 use devices::bus::lock;
 use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
 use devices::ged::{Ged, GED_MMIO_LEN, GED_POWER_BUTTON};
@@ -135,13 +132,6 @@ impl DeviceManager {
             ACPI_SLEEP_PORT,
             ACPI_SLEEP_PORT_LEN,
             "ACPI sleep/reset",
-        )?;
-        insert(
-            &pio,
-            Arc::new(Mutex::new(AcpiPmTimer::default())),
-            ACPI_PM_TIMER_PORT,
-            ACPI_PM_TIMER_LEN,
-            "ACPI PM timer",
         )?;
         let ged_irq = EventFd::new(libc::EFD_NONBLOCK)
             .and_then(|e| {
