@@ -6,6 +6,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod coalesced_pio;
 pub mod console;
 pub mod control;
 pub mod device_manager;

@@ -11,6 +11,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::{Bus, VmEvent, VmEventSender};
+
+use crate::coalesced_pio::CoalescedPio;
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -90,6 +92,7 @@ impl VcpuThreads {
     /// Starts one thread per vCPU; they enter the guest at once.
     pub fn start(
         vcpus: Vec<VcpuFd>,
+        coalesced: Option<Arc<CoalescedPio>>,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         events: VmEventSender,
@@ -100,6 +103,7 @@ impl VcpuThreads {
             let vcpu = Vcpu {
                 id,
                 fd,
+                coalesced: coalesced.clone(),
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 events: events.clone(),
@@ -172,6 +176,7 @@ impl Drop for VcpuThreads {
 struct Vcpu {
     id: usize,
     fd: VcpuFd,
+    coalesced: Option<Arc<CoalescedPio>>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     events: VmEventSender,
@@ -201,7 +206,12 @@ impl Vcpu {
                 break;
             }
             let outcome = match self.fd.run() {
-                Ok(exit) => handle_exit(self.id, &self.pio, &self.mmio, exit),
+                Ok(exit) => {
+                    if let Some(queued) = &self.coalesced {
+                        queued.drain(&self.pio);
+                    }
+                    handle_exit(self.id, &self.pio, &self.mmio, exit)
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     Outcome::Continue

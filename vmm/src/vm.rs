@@ -10,11 +10,13 @@ use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::boot::{self, BootError, Payload};
+use crate::coalesced_pio::CoalescedPio;
 use crate::console::Consoles;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vcpu::VcpuThreads;
 use crate::x86::{self, CpuError};
+use virtio_devices::pci::root::PCI_CONFIG_ADDRESS_PORT;
 
 /// Intel VT needs these two pages for real-mode emulation; keep them out of RAM.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -74,6 +76,7 @@ pub struct Vm {
     // Field order is drop order: vCPU threads stop first, memory goes before
     // the VM fd.
     threads: Threads,
+    coalesced: Option<Arc<CoalescedPio>>,
     devices: DeviceManager,
     events: VmEventSender,
     memory: GuestMemoryMmap,
@@ -129,6 +132,13 @@ pub(crate) fn close_in_background<T: Send + 'static>(vm: T) {
     }
 }
 
+/// What [`Vm::new`] builds on a [`VmCore`].
+struct Parts {
+    vcpus: Vec<VcpuFd>,
+    coalesced: Option<Arc<CoalescedPio>>,
+    devices: DeviceManager,
+}
+
 impl Vm {
     /// Builds the whole VM from `config` on `core`, made for the config's
     /// memory size. `cpuid` is what KVM supports (read once per process);
@@ -143,7 +153,11 @@ impl Vm {
         let VmCore { vcpu0, memory, fd } = core;
         let fd = Arc::new(fd);
         let parts = Self::build(&fd, &memory, vcpu0, cpuid, config, consoles, &events);
-        let (vcpus, devices) = match parts {
+        let Parts {
+            vcpus,
+            coalesced,
+            devices,
+        } = match parts {
             Ok(parts) => parts,
             Err(e) => {
                 // A bad kernel or disk must not keep the caller waiting for
@@ -155,6 +169,7 @@ impl Vm {
         };
         Ok(Vm {
             threads: Threads::Ready(vcpus),
+            coalesced,
             devices,
             events,
             memory,
@@ -171,7 +186,7 @@ impl Vm {
         config: &VmConfig,
         consoles: &Consoles,
         events: &VmEventSender,
-    ) -> Result<(Vec<VcpuFd>, DeviceManager), VmError> {
+    ) -> Result<Parts, VmError> {
         let started = std::time::Instant::now();
         let serial_out = consoles.serial.writer().map_err(VmError::ConsoleOutput)?;
         let mut devices = DeviceManager::new(fd.clone(), mem.clone(), serial_out, events)?;
@@ -196,6 +211,7 @@ impl Vm {
                 .map_err(kvm_err("create a vCPU"))?;
             vcpus.push(vcpu);
         }
+        let coalesced = CoalescedPio::new(fd, &vcpus[0], PCI_CONFIG_ADDRESS_PORT as u16, 4)?;
         for (id, vcpu) in (0..).zip(&vcpus) {
             x86::cpuid::set_cpuid(vcpu, cpuid, id, cpus.boot_vcpus)?;
             x86::regs::setup_common(vcpu, id)?;
@@ -209,7 +225,11 @@ impl Vm {
             cpus.boot_vcpus,
             config.memory.size >> 20
         );
-        Ok((vcpus, devices))
+        Ok(Parts {
+            vcpus,
+            coalesced: coalesced.map(Arc::new),
+            devices,
+        })
     }
 
     /// Starts the vCPU threads; the guest runs from here on.
@@ -217,6 +237,7 @@ impl Vm {
         if let Threads::Ready(vcpus) = std::mem::replace(&mut self.threads, Threads::Stopped) {
             let threads = VcpuThreads::start(
                 vcpus,
+                self.coalesced.clone(),
                 self.devices.pio.clone(),
                 self.devices.mmio.clone(),
                 self.events.clone(),
@@ -249,12 +270,13 @@ impl Vm {
     pub fn dispose(self) {
         let Vm {
             threads,
+            coalesced,
             devices,
             events,
             memory,
             fd,
         } = self;
-        drop((threads, devices, events, memory));
+        drop((threads, coalesced, devices, events, memory));
         close_in_background(fd);
     }
 
