@@ -11,11 +11,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::{Bus, VmEvent, VmEventSender};
-
-use crate::coalesced_pio::CoalescedPio;
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::coalesced_pio::CoalescedPio;
 
 /// What the control loop wants the vCPUs to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use api::config::VmConfig;
 use devices::VmEventSender;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use virtio_devices::pci::root::PCI_CONFIG_ADDRESS_PORT;
 
 use crate::boot::{self, BootError, Payload};
 use crate::coalesced_pio::CoalescedPio;
@@ -16,7 +17,6 @@ use crate::device_manager::{DeviceError, DeviceManager};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vcpu::VcpuThreads;
 use crate::x86::{self, CpuError};
-use virtio_devices::pci::root::PCI_CONFIG_ADDRESS_PORT;
 
 /// Intel VT needs these two pages for real-mode emulation; keep them out of RAM.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -84,12 +84,13 @@ pub struct Vm {
 }
 
 /// The part of a VM that depends on nothing but its memory size: the KVM VM
-/// with guest memory registered, the in-kernel irqchip and vCPU 0. It is most
-/// of the cost of building a VM on KVM, so [`crate::spare_vm::SpareVm`] makes
-/// one ahead of time.
+/// with guest memory registered, the in-kernel irqchip, vCPU 0 and the ring
+/// of queued port writes. It is most of the cost of building a VM on KVM, so
+/// [`crate::spare_vm::SpareVm`] makes one ahead of time.
 pub struct VmCore {
     // Field order is drop order: the vCPU and memory go before the VM fd.
     vcpu0: VcpuFd,
+    coalesced: Option<CoalescedPio>,
     memory: GuestMemoryMmap,
     fd: VmFd,
 }
@@ -111,7 +112,13 @@ impl VmCore {
         fd.create_irq_chip()
             .map_err(kvm_err("create the in-kernel irqchip"))?;
         let vcpu0 = fd.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
-        Ok(VmCore { vcpu0, memory, fd })
+        let coalesced = CoalescedPio::new(&fd, &vcpu0, PCI_CONFIG_ADDRESS_PORT as u16, 4)?;
+        Ok(VmCore {
+            vcpu0,
+            coalesced,
+            memory,
+            fd,
+        })
     }
 
     #[cfg(test)]
@@ -132,13 +139,6 @@ pub(crate) fn close_in_background<T: Send + 'static>(vm: T) {
     }
 }
 
-/// What [`Vm::new`] builds on a [`VmCore`].
-struct Parts {
-    vcpus: Vec<VcpuFd>,
-    coalesced: Option<Arc<CoalescedPio>>,
-    devices: DeviceManager,
-}
-
 impl Vm {
     /// Builds the whole VM from `config` on `core`, made for the config's
     /// memory size. `cpuid` is what KVM supports (read once per process);
@@ -150,14 +150,15 @@ impl Vm {
         consoles: &Consoles,
         events: VmEventSender,
     ) -> Result<Vm, VmError> {
-        let VmCore { vcpu0, memory, fd } = core;
+        let VmCore {
+            vcpu0,
+            coalesced,
+            memory,
+            fd,
+        } = core;
         let fd = Arc::new(fd);
         let parts = Self::build(&fd, &memory, vcpu0, cpuid, config, consoles, &events);
-        let Parts {
-            vcpus,
-            coalesced,
-            devices,
-        } = match parts {
+        let (vcpus, devices) = match parts {
             Ok(parts) => parts,
             Err(e) => {
                 // A bad kernel or disk must not keep the caller waiting for
@@ -169,7 +170,7 @@ impl Vm {
         };
         Ok(Vm {
             threads: Threads::Ready(vcpus),
-            coalesced,
+            coalesced: coalesced.map(Arc::new),
             devices,
             events,
             memory,
@@ -186,7 +187,7 @@ impl Vm {
         config: &VmConfig,
         consoles: &Consoles,
         events: &VmEventSender,
-    ) -> Result<Parts, VmError> {
+    ) -> Result<(Vec<VcpuFd>, DeviceManager), VmError> {
         let started = std::time::Instant::now();
         let serial_out = consoles.serial.writer().map_err(VmError::ConsoleOutput)?;
         let mut devices = DeviceManager::new(fd.clone(), mem.clone(), serial_out, events)?;
@@ -211,7 +212,6 @@ impl Vm {
                 .map_err(kvm_err("create a vCPU"))?;
             vcpus.push(vcpu);
         }
-        let coalesced = CoalescedPio::new(fd, &vcpus[0], PCI_CONFIG_ADDRESS_PORT as u16, 4)?;
         for (id, vcpu) in (0..).zip(&vcpus) {
             x86::cpuid::set_cpuid(vcpu, cpuid, id, cpus.boot_vcpus)?;
             x86::regs::setup_common(vcpu, id)?;
@@ -225,11 +225,7 @@ impl Vm {
             cpus.boot_vcpus,
             config.memory.size >> 20
         );
-        Ok(Parts {
-            vcpus,
-            coalesced: coalesced.map(Arc::new),
-            devices,
-        })
+        Ok((vcpus, devices))
     }
 
     /// Starts the vCPU threads; the guest runs from here on.
