@@ -26,11 +26,11 @@ pub struct CoalescedPio {
     drain: Mutex<()>,
 }
 
-// SAFETY: the ring is a page of shared memory that the kernel appends to;
-// this process reads it and moves `first` only while holding `drain`, with
-// atomic accesses to the indices both sides update.
+// SAFETY: the ring is a page of shared memory that the kernel appends to.
+// Its two indices are only accessed atomically; entries are read, and
+// `first` moved, only while holding `drain`.
 unsafe impl Send for CoalescedPio {}
-// SAFETY: as for Send; `&self` methods take the lock before touching the ring.
+// SAFETY: as for Send.
 unsafe impl Sync for CoalescedPio {}
 
 impl CoalescedPio {
@@ -39,7 +39,7 @@ impl CoalescedPio {
     /// writes: they then exit as usual.
     pub fn new(vm: &VmFd, vcpu: &VcpuFd, port: u16, len: u32) -> Result<Option<Self>, VmError> {
         if !vm.check_extension(Cap::CoalescedPio) {
-            log::debug!("KVM cannot queue port writes; every 0xCF8 write exits");
+            log::debug!("KVM cannot queue port writes; they exit as usual");
             return Ok(None);
         }
         // SAFETY: sysconf has no memory effects.
