@@ -203,12 +203,41 @@ struct Parked {
     since: Instant,
 }
 
+/// Where other clients wait while one is served: the listener and the
+/// parked connections.
+#[derive(Clone, Copy)]
+struct Others<'a> {
+    listener: RawFd,
+    parked: &'a [Parked],
+}
+
+impl<'a> Others<'a> {
+    fn of(listener: &UnixListener, parked: &'a [Parked]) -> Self {
+        Others {
+            listener: listener.as_raw_fd(),
+            parked,
+        }
+    }
+
+    fn fds(self) -> impl Iterator<Item = RawFd> + 'a {
+        let parked = self.parked.iter().map(|p| p.stream.as_raw_fd());
+        std::iter::once(self.listener).chain(parked)
+    }
+}
+
+/// A poll set waiting for input on each of `fds`.
+fn pollfds(fds: impl Iterator<Item = RawFd>) -> Vec<libc::pollfd> {
+    fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    })
+    .collect()
+}
+
 struct Server {
     listener: UnixListener,
     parked: Vec<Parked>,
-    /// The listener's and the parked connections' fds: where other clients
-    /// wait while one is served.
-    others: Vec<RawFd>,
     sender: ApiSender,
     /// Received bytes not yet consumed (may hold a pipelined next request).
     buf: Vec<u8>,
@@ -222,11 +251,9 @@ struct Server {
 
 impl Server {
     fn new(listener: UnixListener, sender: ApiSender) -> Server {
-        let others = vec![listener.as_raw_fd()];
         Server {
             listener,
             parked: Vec::new(),
-            others,
             sender,
             buf: Vec::with_capacity(READ_CHUNK),
             body: Vec::with_capacity(READ_CHUNK),
@@ -256,12 +283,8 @@ impl Server {
     /// stayed idle too long.
     fn next_connection(&mut self) -> Option<UnixStream> {
         let now = Instant::now();
-        let before = self.parked.len();
         self.parked
             .retain(|p| now.duration_since(p.since) < IDLE_TIMEOUT);
-        if self.parked.len() != before {
-            self.parked_changed();
-        }
         let timeout = match self.parked.first() {
             Some(oldest) => {
                 let left = IDLE_TIMEOUT.saturating_sub(now.duration_since(oldest.since));
@@ -269,13 +292,7 @@ impl Server {
             }
             None => -1,
         };
-        let mut fds: Vec<libc::pollfd> = (self.others.iter())
-            .map(|&fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+        let mut fds = pollfds(Others::of(&self.listener, &self.parked).fds());
         // SAFETY: `fds` is a valid array of pollfds that outlives the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
@@ -291,9 +308,7 @@ impl Server {
             return None;
         }
         if let Some(i) = fds[1..].iter().position(|f| f.revents != 0) {
-            let parked = self.parked.remove(i);
-            self.parked_changed();
-            return Some(parked.stream);
+            return Some(self.parked.remove(i).stream);
         }
         match self.listener.accept() {
             Ok((stream, _)) => Some(stream),
@@ -317,12 +332,6 @@ impl Server {
             stream,
             since: Instant::now(),
         });
-        self.parked_changed();
-    }
-
-    fn parked_changed(&mut self) {
-        self.others.truncate(1);
-        (self.others).extend(self.parked.iter().map(|p| p.stream.as_raw_fd()));
     }
 
     fn serve(&mut self, stream: UnixStream) -> Flow {
@@ -383,7 +392,8 @@ impl Server {
                     return Ok(Some(head));
                 }
             }
-            match fill(stream, &self.others, &mut self.buf, READ_CHUNK) {
+            let others = Others::of(&self.listener, &self.parked);
+            match fill(stream, others, &mut self.buf, READ_CHUNK) {
                 Ok(0) if self.buf.is_empty() => return Ok(None),
                 Ok(0) => return Err(Failure::bad("the connection closed in mid-request")),
                 Ok(_) => {}
@@ -401,7 +411,8 @@ impl Server {
     fn read_to(&mut self, stream: &mut UnixStream, total: usize) -> bool {
         while self.buf.len() < total {
             let missing = total - self.buf.len();
-            match fill(stream, &self.others, &mut self.buf, missing) {
+            let others = Others::of(&self.listener, &self.parked);
+            match fill(stream, others, &mut self.buf, missing) {
                 Ok(0) => {
                     debug!("API server: connection closed in mid-body");
                     return false;
@@ -525,7 +536,7 @@ fn route_action(endpoint: Endpoint, body: &[u8]) -> Result<ApiAction, String> {
 /// Reads once (up to `want` bytes, at least a chunk) onto the end of `buf`.
 fn fill(
     stream: &mut UnixStream,
-    others: &[RawFd],
+    others: Others,
     buf: &mut Vec<u8>,
     want: usize,
 ) -> io::Result<usize> {
@@ -612,16 +623,9 @@ fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> io::Result<()> {
 /// [`STALL_GRACE_MS`] while another one is waiting on one of `others` (the
 /// listener, parked connections) loses its turn (a `TimedOut` error,
 /// answered with 408) instead of blocking the API.
-fn wait_readable(stream: &UnixStream, others: &[RawFd]) -> io::Result<()> {
+fn wait_readable(stream: &UnixStream, others: Others) -> io::Result<()> {
     let deadline = Instant::now() + READ_TIMEOUT;
-    let mut fds: Vec<libc::pollfd> = std::iter::once(stream.as_raw_fd())
-        .chain(others.iter().copied())
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut fds = pollfds(std::iter::once(stream.as_raw_fd()).chain(others.fds()));
     // First every fd; once another client waits, this one only gets the
     // grace period.
     let mut watched = fds.len();
