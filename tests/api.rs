@@ -452,6 +452,37 @@ fn boot_after_the_kernel_file_went_away() {
 }
 
 #[test]
+fn a_kernel_that_only_looks_like_one_is_refused_at_boot() {
+    // vm.create checks a kernel's first bytes and answers; the machine is
+    // built after the answer. A file with an ELF header and nothing behind it
+    // passes the check, fails the build, and vm.boot says why (a client
+    // error, the VM still Created) until the file is a kernel.
+    let kite = Kite::start_api(&[]);
+    let serial = kite.dir.path("serial.log");
+    let kernel = kite.dir.path("kernel.elf");
+    fs::write(&kernel, b"\x7fELF truncated").unwrap();
+    let config = vm_config(&kernel, None, "", 1, 64, &serial);
+    kite.put_ok("vm.create", Some(&config));
+    assert_eq!(kite.state(), "Created");
+    let path = kernel.display().to_string();
+    for _ in 0..2 {
+        assert_error(
+            kite.api("PUT", "vm.boot", None),
+            400,
+            &[&path],
+            "vm.boot of a truncated ELF",
+        );
+        assert_eq!(kite.state(), "Created");
+        assert_serving(&kite, true, "a failed vm.boot");
+    }
+    fs::copy(test_guest("counter"), &kernel).unwrap();
+    kite.put_ok("vm.boot", None);
+    wait_for_file(&serial, "COUNT 0\n", T);
+    assert_eq!(kite.state(), "Running");
+    kite.put_ok("vm.delete", None);
+}
+
+#[test]
 fn bad_vm_configs_are_refused() {
     let kite = Kite::start_api(&[]);
     let serial = kite.dir.path("serial.log");

@@ -55,10 +55,12 @@ impl ConsoleSink {
         })
     }
 
-    /// Empties the output file, for a newly created VM.
+    /// Empties the output file, for a newly created VM. A new file is
+    /// empty already, and truncating costs a journal write on most
+    /// filesystems.
     pub fn truncate(&self) -> io::Result<()> {
         match self {
-            ConsoleSink::File(f) => f.set_len(0),
+            ConsoleSink::File(f) if f.metadata()?.len() > 0 => f.set_len(0),
             _ => Ok(()),
         }
     }

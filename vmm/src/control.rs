@@ -10,6 +10,7 @@ use api::config::VmConfig;
 use api::{
     ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, VmInfo, VmState, VmmPingResponse,
 };
+use block::DiskImage;
 use crossbeam_channel::Receiver;
 use devices::{VmEvent, VmEventSender};
 use kvm_bindings::CpuId;
@@ -19,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::{Consoles, RawTerminal};
 use crate::spare_vm::SpareVm;
-use crate::vm::{Vm, VmError};
+use crate::vm::{HostEnds, Vm, VmError};
 use crate::VmmError;
 
 const TOKEN_API: u64 = 0;
@@ -42,7 +43,11 @@ struct Instance {
     config: VmConfig,
     state: VmState,
     consoles: Consoles,
+    /// Disk images `vm.create` opened (and locked), for the first build.
+    disks: Vec<Box<dyn DiskImage>>,
     vm: Option<Vm>,
+    /// Building the machine ahead of `vm.boot` failed; `vm.boot` tries again.
+    build_failed: bool,
 }
 
 /// Builds VMs on KVM, from a spare core when there is one.
@@ -57,11 +62,15 @@ struct VmBuilder {
 }
 
 impl VmBuilder {
-    fn build(&mut self, config: &VmConfig, consoles: &Consoles) -> Result<Vm, VmError> {
-        let size = config.memory.size;
+    fn build(&mut self, inst: &mut Instance) -> Result<Vm, VmError> {
+        let size = inst.config.memory.size;
         let core = self.spare.take(&self.kvm, size)?;
         self.last_size = size;
-        Vm::new(core, &self.cpuid, config, consoles, self.events.clone())
+        let host = HostEnds {
+            consoles: &inst.consoles,
+            disks: std::mem::take(&mut inst.disks),
+        };
+        Vm::new(core, &self.cpuid, &inst.config, host, self.events.clone())
     }
 }
 
@@ -173,6 +182,7 @@ impl ControlLoop {
             }
             // The client may have gone away; that is not the VMM's problem.
             let _ = req.reply.send(reply);
+            self.build_ahead();
             if shutdown {
                 return Some(VmmExit::Shutdown);
             }
@@ -291,12 +301,9 @@ impl ControlLoop {
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         config.name_devices();
         crate::host::check_fits(&config).map_err(ApiError::BadRequest)?;
+        let disks = Vm::prepare(&config).map_err(vm_api_error)?;
         let consoles = Consoles::open(&config.serial, &config.console)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let vm = self
-            .builder
-            .build(&config, &consoles)
-            .map_err(vm_api_error)?;
         consoles
             .truncate()
             .map_err(|e| ApiError::Internal(format!("cannot empty a console output file: {e}")))?;
@@ -307,9 +314,34 @@ impl ControlLoop {
             config,
             state: VmState::Created,
             consoles,
-            vm: Some(vm),
+            disks,
+            vm: None,
+            build_failed: false,
         });
         Ok(ApiResponse::Empty)
+    }
+
+    /// Builds the machine of a VM just created, once `vm.create` has been
+    /// answered: the client need not wait for KVM, and the `vm.boot` that
+    /// usually follows finds the machine ready. A build that fails here is
+    /// tried again by `vm.boot`, which reports the error.
+    fn build_ahead(&mut self) {
+        let Some(inst) = self.instance.as_mut() else {
+            return;
+        };
+        if inst.state != VmState::Created || inst.vm.is_some() || inst.build_failed {
+            return;
+        }
+        // The HTTP thread, just woken with the answer, may share this core:
+        // let it pass the answer on before the build takes the core.
+        std::thread::yield_now();
+        match self.builder.build(inst) {
+            Ok(vm) => inst.vm = Some(vm),
+            Err(e) => {
+                log::warn!("cannot build the VM (vm.boot will say why): {e}");
+                inst.build_failed = true;
+            }
+        }
     }
 
     fn boot(&mut self) -> ApiReply {
@@ -319,8 +351,9 @@ impl ControlLoop {
             &[VmState::Created, VmState::Shutdown],
         )?;
         if inst.vm.is_none() {
-            // Booting again after a shutdown: build a fresh machine.
-            let vm = self.builder.build(&inst.config, &inst.consoles);
+            // Not built ahead (that failed, or vm.boot came first), or
+            // booting again after a shutdown: build the machine now.
+            let vm = self.builder.build(inst);
             inst.vm = Some(vm.map_err(vm_api_error)?);
         }
         if let Some(vm) = inst.vm.as_mut() {
@@ -334,10 +367,13 @@ impl ControlLoop {
     /// Stops the running VM and frees it; the config stays for another boot.
     fn stop_vm(&mut self) {
         if let Some(inst) = self.instance.as_mut() {
-            if let Some(vm) = inst.vm.take() {
+            let vm = inst.vm.take();
+            inst.state = VmState::Shutdown;
+            // The next VM's core is made while this one is taken apart.
+            self.prepare_spare();
+            if let Some(vm) = vm {
                 vm.dispose();
             }
-            inst.state = VmState::Shutdown;
         }
         // Events the stopped VM raised on its way down no longer apply.
         self.drain_vm_events();
@@ -358,7 +394,7 @@ impl ControlLoop {
         let Some(inst) = self.instance.as_mut() else {
             return Ok(());
         };
-        let mut vm = self.builder.build(&inst.config, &inst.consoles)?;
+        let mut vm = self.builder.build(inst)?;
         if !paused {
             vm.start()?;
         }

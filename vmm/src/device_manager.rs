@@ -3,10 +3,12 @@
 //! them to KVM (irq lines, irqfds, ioeventfds, MSI routes).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use api::config::{ImageType, VmConfig};
+use api::config::{DiskConfig, ImageType, VmConfig};
 use api::DeviceNode;
+use block::DiskImage;
 use devices::acpi_pm::{AcpiSleep, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_LEN};
 use devices::bus::lock;
 use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
@@ -176,12 +178,15 @@ impl DeviceManager {
     }
 
     /// Adds the virtio devices `config` asks for; `console` is where the
-    /// virtio-console writes (off: no device).
+    /// virtio-console writes (off: no device); `opened` are the disk images
+    /// already open, in order (the others are opened here).
     pub fn add_configured(
         &mut self,
         config: &VmConfig,
         console: &ConsoleSink,
+        opened: Vec<Box<dyn DiskImage>>,
     ) -> Result<(), DeviceError> {
+        let mut opened = opened.into_iter();
         // vm.create names every device (VmConfig::name_devices).
         let named = |id: &Option<String>, what: &str| {
             id.clone()
@@ -189,16 +194,10 @@ impl DeviceManager {
         };
         for disk in &config.disks {
             let id = named(&disk.id, "disk")?;
-            let opts = block::OpenOptions {
-                readonly: disk.readonly,
-                direct: disk.direct,
-                format: disk.image_type.map(|t| match t {
-                    ImageType::Raw => block::ImageFormat::Raw,
-                    ImageType::Qcow2 => block::ImageFormat::Qcow2,
-                }),
+            let image = match opened.next() {
+                Some(image) => image,
+                None => open_disk(disk)?,
             };
-            let image = block::open_image(&disk.path, &opts)
-                .map_err(|e| DeviceError::Config(e.to_string()))?;
             let serial = disk.serial.clone().unwrap_or_else(|| id.clone());
             let dev = virtio_devices::block::Block::new(
                 id.clone(),
@@ -239,9 +238,8 @@ impl DeviceManager {
                 .map_err(|e| config_err(&e))?;
             self.add_virtio(id, Box::new(dev))?;
         }
-        let rng = virtio_devices::rng::Rng::new(config.rng.src.clone()).map_err(|e| {
-            DeviceError::Config(format!("entropy source {}: {e}", config.rng.src.display()))
-        })?;
+        let rng = virtio_devices::rng::Rng::new(config.rng.src.clone())
+            .map_err(|e| rng_error(&config.rng.src, e))?;
         let rng_id = config.rng.id.clone().unwrap_or_else(|| "__rng".into());
         self.add_virtio(rng_id, Box::new(rng))?;
         let console_io = console.writer().and_then(|out| Ok((out, console.input()?)));
@@ -316,6 +314,34 @@ impl DeviceManager {
 }
 
 /// An edge on ISA interrupt `irq`, injected at once (KVM_IRQ_LINE).
+/// Opens `config`'s disk images (checking format and backing chain, taking
+/// their locks) and checks that its entropy source opens.
+pub fn open_backends(config: &VmConfig) -> Result<Vec<Box<dyn DiskImage>>, DeviceError> {
+    let disks = config
+        .disks
+        .iter()
+        .map(open_disk)
+        .collect::<Result<_, _>>()?;
+    std::fs::File::open(&config.rng.src).map_err(|e| rng_error(&config.rng.src, e))?;
+    Ok(disks)
+}
+
+fn open_disk(disk: &DiskConfig) -> Result<Box<dyn DiskImage>, DeviceError> {
+    let opts = block::OpenOptions {
+        readonly: disk.readonly,
+        direct: disk.direct,
+        format: disk.image_type.map(|t| match t {
+            ImageType::Raw => block::ImageFormat::Raw,
+            ImageType::Qcow2 => block::ImageFormat::Qcow2,
+        }),
+    };
+    block::open_image(&disk.path, &opts).map_err(|e| DeviceError::Config(e.to_string()))
+}
+
+fn rng_error(src: &Path, e: impl std::fmt::Display) -> DeviceError {
+    DeviceError::Config(format!("entropy source {}: {e}", src.display()))
+}
+
 fn pulse_irq_line(fd: &VmFd, irq: u32) -> std::io::Result<()> {
     fd.set_irq_line(irq, true)
         .and_then(|()| fd.set_irq_line(irq, false))

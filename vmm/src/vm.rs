@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use api::config::VmConfig;
+use block::DiskImage;
 use devices::VmEventSender;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -95,6 +96,13 @@ pub struct VmCore {
     fd: VmFd,
 }
 
+/// The host ends of a VM's devices: its consoles, and the disk images
+/// `vm.create` opened (none for a later build, which opens them again).
+pub struct HostEnds<'a> {
+    pub consoles: &'a Consoles,
+    pub disks: Vec<Box<dyn DiskImage>>,
+}
+
 impl VmCore {
     pub fn new(kvm: &Kvm, memory_size: u64) -> Result<VmCore, VmError> {
         let fd = kvm.create_vm().map_err(kvm_err("create the KVM VM"))?;
@@ -128,6 +136,14 @@ impl VmCore {
     }
 }
 
+fn payload(config: &VmConfig) -> Result<Payload<'_>, VmError> {
+    Ok(Payload {
+        kernel: config.payload.kernel.as_deref().ok_or(VmError::NoKernel)?,
+        initramfs: config.payload.initramfs.as_deref(),
+        cmdline: config.payload.cmdline.as_deref().unwrap_or(""),
+    })
+}
+
 /// Drops `vm` (a KVM VM, or what will yield one) on a thread of its own:
 /// KVM takes milliseconds to tear a VM down, which nobody need wait for.
 pub(crate) fn close_in_background<T: Send + 'static>(vm: T) {
@@ -142,12 +158,11 @@ pub(crate) fn close_in_background<T: Send + 'static>(vm: T) {
 impl Vm {
     /// Builds the whole VM from `config` on `core`, made for the config's
     /// memory size. `cpuid` is what KVM supports (read once per process);
-    /// `consoles` are the host ends of COM1 and the virtio-console.
     pub fn new(
         core: VmCore,
         cpuid: &CpuId,
         config: &VmConfig,
-        consoles: &Consoles,
+        host: HostEnds,
         events: VmEventSender,
     ) -> Result<Vm, VmError> {
         let VmCore {
@@ -157,7 +172,7 @@ impl Vm {
             fd,
         } = core;
         let fd = Arc::new(fd);
-        let parts = Self::build(&fd, &memory, vcpu0, cpuid, config, consoles, &events);
+        let parts = Self::build(&fd, &memory, vcpu0, cpuid, config, host, &events);
         let (vcpus, devices) = match parts {
             Ok(parts) => parts,
             Err(e) => {
@@ -178,6 +193,15 @@ impl Vm {
         })
     }
 
+    /// What `vm.create` does on the host before it answers, so that most
+    /// bad configs are refused there and not at the build: checks the
+    /// payload and the entropy source, and opens (and locks) the disk images,
+    /// which the first build takes over.
+    pub fn prepare(config: &VmConfig) -> Result<Vec<Box<dyn DiskImage>>, VmError> {
+        boot::check_payload(&payload(config)?, config.memory.size)?;
+        Ok(crate::device_manager::open_backends(config)?)
+    }
+
     /// Adds devices, tables, payload and vCPUs to the KVM VM `fd`.
     fn build(
         fd: &Arc<VmFd>,
@@ -185,24 +209,22 @@ impl Vm {
         vcpu0: VcpuFd,
         cpuid: &CpuId,
         config: &VmConfig,
-        consoles: &Consoles,
+        host: HostEnds,
         events: &VmEventSender,
     ) -> Result<(Vec<VcpuFd>, DeviceManager), VmError> {
         let started = std::time::Instant::now();
-        let serial_out = consoles.serial.writer().map_err(VmError::ConsoleOutput)?;
+        let serial_out = host
+            .consoles
+            .serial
+            .writer()
+            .map_err(VmError::ConsoleOutput)?;
         let mut devices = DeviceManager::new(fd.clone(), mem.clone(), serial_out, events)?;
-        devices.add_configured(config, &consoles.virtio)?;
+        devices.add_configured(config, &host.consoles.virtio, host.disks)?;
 
         let cpus = &config.cpus;
         let rsdp = crate::acpi::create_acpi_tables(mem, cpus.boot_vcpus, cpus.max_vcpus)?;
         crate::mptable::write_mptable(mem, cpus.boot_vcpus)?;
-        let kernel = config.payload.kernel.as_deref().ok_or(VmError::NoKernel)?;
-        let payload = Payload {
-            kernel,
-            initramfs: config.payload.initramfs.as_deref(),
-            cmdline: config.payload.cmdline.as_deref().unwrap_or(""),
-        };
-        let entry = boot::load_payload(mem, &payload, rsdp)?;
+        let entry = boot::load_payload(mem, &payload(config)?, rsdp)?;
 
         let mut vcpus = Vec::with_capacity(usize::from(cpus.boot_vcpus));
         vcpus.push(vcpu0);

@@ -5,6 +5,7 @@ pub mod linux;
 pub mod pvh;
 
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
@@ -99,10 +100,7 @@ pub fn load_payload(
 ) -> Result<EntryPoint, BootError> {
     let cmdline = write_cmdline(mem, payload.cmdline)?;
     let path = payload.kernel;
-    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut file = open_kernel(path)?;
     match Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START))) {
         Ok(loaded) => {
             let entry = match loaded.pvh_boot_cap {
@@ -140,6 +138,62 @@ pub fn load_payload(
     }
 }
 
+/// The checks of [`load_payload`] that need no guest memory, for `vm.create`
+/// to answer before the VM is built: the command line; a kernel that opens
+/// and starts like an ELF or a bzImage; an initramfs that opens and is
+/// smaller than low RAM. Loading checks the rest.
+pub fn check_payload(payload: &Payload, memory_size: u64) -> Result<(), BootError> {
+    check_cmdline(payload.cmdline)?;
+    let path = payload.kernel;
+    let mut head = Vec::with_capacity(BZIMAGE_MAGIC_END);
+    open_kernel(path)?
+        .take(BZIMAGE_MAGIC_END as u64)
+        .read_to_end(&mut head)
+        .map_err(|source| BootError::OpenKernel {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let elf = head.starts_with(ELF_MAGIC);
+    let bzimage = head.get(BZIMAGE_MAGIC_END - 4..) == Some(BZIMAGE_MAGIC);
+    if !elf && !bzimage {
+        return Err(BootError::NotAKernel {
+            path: path.to_path_buf(),
+            reason: "it starts with neither an ELF header nor a Linux setup header".into(),
+        });
+    }
+    if let Some(path) = payload.initramfs {
+        let size = File::open(path)
+            .and_then(|f| f.metadata())
+            .map_err(|source| BootError::ReadInitramfs {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        let room = memory_size
+            .min(MMIO_HOLE_START)
+            .saturating_sub(HIGH_RAM_START);
+        if size > room {
+            return Err(BootError::InitramfsTooBig {
+                path: path.to_path_buf(),
+                size,
+            });
+        }
+    }
+    Ok(())
+}
+
+const ELF_MAGIC: &[u8] = b"\x7fELF";
+/// A bzImage's setup header says "HdrS" at 0x202.
+const BZIMAGE_MAGIC: &[u8] = b"HdrS";
+const BZIMAGE_MAGIC_END: usize = 0x206;
+
+fn open_kernel(path: &Path) -> Result<File, BootError> {
+    File::open(path).map_err(|source| BootError::OpenKernel {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// Where the command line went and how long it is (with its NUL).
 #[derive(Clone, Copy, Debug)]
 pub struct CmdlineRegion {
@@ -147,13 +201,18 @@ pub struct CmdlineRegion {
     pub size: u32,
 }
 
-fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<CmdlineRegion, BootError> {
+fn check_cmdline(cmdline: &str) -> Result<(), BootError> {
     if cmdline.len() >= CMDLINE_MAX_SIZE {
         return Err(BootError::CmdlineTooLong(cmdline.len()));
     }
     if cmdline.contains('\0') {
         return Err(BootError::CmdlineNul);
     }
+    Ok(())
+}
+
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<CmdlineRegion, BootError> {
+    check_cmdline(cmdline)?;
     let addr = GuestAddress(CMDLINE_START);
     let mut bytes = Vec::with_capacity(cmdline.len() + 1);
     bytes.extend_from_slice(cmdline.as_bytes());
@@ -202,4 +261,59 @@ fn load_initramfs(
         addr: GuestAddress(addr),
         size,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+
+    fn file_with(bytes: &[u8]) -> TempFile {
+        let file = TempFile::new().unwrap();
+        file.as_file().write_all(bytes).unwrap();
+        file
+    }
+
+    fn check(kernel: &Path, initramfs: Option<&Path>, cmdline: &str) -> Result<(), BootError> {
+        let payload = Payload {
+            kernel,
+            initramfs,
+            cmdline,
+        };
+        check_payload(&payload, 64 << 20)
+    }
+
+    #[test]
+    fn check_payload_knows_kernels_by_their_first_bytes() {
+        let elf = file_with(b"\x7fELF\x02\x01\x01");
+        assert!(check(elf.as_path(), None, "console=ttyS0").is_ok());
+        let mut setup = vec![0u8; BZIMAGE_MAGIC_END];
+        setup[BZIMAGE_MAGIC_END - 4..].copy_from_slice(BZIMAGE_MAGIC);
+        let bzimage = file_with(&setup);
+        assert!(check(bzimage.as_path(), None, "").is_ok());
+        let text = file_with(b"not a kernel\n");
+        let err = check(text.as_path(), None, "").unwrap_err();
+        assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
+        let missing = Path::new("/nonexistent/kite-kernel");
+        let err = check(missing, None, "").unwrap_err();
+        assert!(matches!(err, BootError::OpenKernel { .. }), "{err}");
+    }
+
+    #[test]
+    fn check_payload_refuses_what_cannot_fit() {
+        let elf = file_with(b"\x7fELF");
+        let err = check(elf.as_path(), None, &"a".repeat(CMDLINE_MAX_SIZE)).unwrap_err();
+        assert!(matches!(err, BootError::CmdlineTooLong(_)), "{err}");
+        let err = check(elf.as_path(), None, "a\0b").unwrap_err();
+        assert!(matches!(err, BootError::CmdlineNul), "{err}");
+        let initramfs = TempFile::new().unwrap();
+        initramfs.as_file().set_len(64 << 20).unwrap();
+        let err = check(elf.as_path(), Some(initramfs.as_path()), "").unwrap_err();
+        assert!(matches!(err, BootError::InitramfsTooBig { .. }), "{err}");
+        initramfs.as_file().set_len(1 << 20).unwrap();
+        assert!(check(elf.as_path(), Some(initramfs.as_path()), "").is_ok());
+    }
 }
