@@ -32,6 +32,32 @@ pub enum ConsoleSink {
 }
 
 impl ConsoleSink {
+    /// What [`ConsoleSink::open`] would refuse, found without creating the
+    /// file: an unsupported mode, a File without a path or in a directory
+    /// that does not exist.
+    pub fn check(config: &ConsoleConfig) -> Result<(), ConsoleError> {
+        match config.mode {
+            ConsoleMode::Off | ConsoleMode::Null | ConsoleMode::Tty => Ok(()),
+            ConsoleMode::File => {
+                let path = config.file.as_deref().ok_or(ConsoleError::NoFile)?;
+                let dir = match path.parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() => dir,
+                    _ => Path::new("."),
+                };
+                match std::fs::metadata(dir) {
+                    Ok(meta) if meta.is_dir() => Ok(()),
+                    Ok(_) => Err(io::Error::from(io::ErrorKind::NotADirectory)),
+                    Err(e) => Err(e),
+                }
+                .map_err(|source| ConsoleError::OpenFile {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+            other => Err(ConsoleError::Unsupported(other)),
+        }
+    }
+
     pub fn open(config: &ConsoleConfig) -> Result<ConsoleSink, ConsoleError> {
         Ok(match config.mode {
             ConsoleMode::Off => ConsoleSink::Off,
@@ -55,16 +81,6 @@ impl ConsoleSink {
         })
     }
 
-    /// Empties the output file, for a newly created VM. A new file is
-    /// empty already, and truncating costs a journal write on most
-    /// filesystems.
-    pub fn truncate(&self) -> io::Result<()> {
-        match self {
-            ConsoleSink::File(f) if f.metadata()?.len() > 0 => f.set_len(0),
-            _ => Ok(()),
-        }
-    }
-
     pub fn reads_stdin(&self) -> bool {
         matches!(self, ConsoleSink::Stdout)
     }
@@ -86,32 +102,27 @@ pub struct Consoles {
 }
 
 impl Consoles {
+    /// Checks both consoles' configs; see [`ConsoleSink::check`].
+    pub fn check(serial: &ConsoleConfig, virtio: &ConsoleConfig) -> Result<(), ConsoleError> {
+        ConsoleSink::check(serial)?;
+        ConsoleSink::check(virtio)
+    }
+
+    /// Opens both consoles, emptying their output files: done once per
+    /// created VM, by its first build.
     pub fn open(serial: &ConsoleConfig, virtio: &ConsoleConfig) -> Result<Consoles, ConsoleError> {
         Ok(Consoles {
             serial: ConsoleSink::open(serial)?,
             virtio: ConsoleSink::open(virtio)?,
         })
     }
-
-    /// Empties the output files, for a newly created VM.
-    pub fn truncate(&self) -> io::Result<()> {
-        self.serial.truncate()?;
-        self.virtio.truncate()
-    }
-
-    pub fn use_terminal(&self) -> bool {
-        self.serial.reads_stdin() || self.virtio.reads_stdin()
-    }
 }
 
-/// Opens (creating) without truncating: a `vm.create` that fails later must
-/// leave an existing file as it was. [`ConsoleSink::truncate`] empties it once
-/// the VM exists.
 fn create(path: &Path) -> Result<File, ConsoleError> {
     OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(false)
+        .truncate(true)
         .open(path)
         .map_err(|source| ConsoleError::OpenFile {
             path: path.to_path_buf(),
@@ -171,5 +182,51 @@ impl Drop for RawTerminal {
     fn drop(&mut self) {
         // SAFETY: restores the settings read in `enable` on the same fd.
         unsafe { libc::tcsetattr(io::stdin().as_raw_fd(), libc::TCSANOW, &self.saved) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str) -> ConsoleConfig {
+        ConsoleConfig {
+            mode: ConsoleMode::File,
+            file: Some(path.into()),
+        }
+    }
+
+    #[test]
+    fn check_creates_nothing_and_refuses_what_open_would() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let log = dir.as_path().join("serial.log");
+        assert!(ConsoleSink::check(&file(log.to_str().unwrap())).is_ok());
+        assert!(!log.exists(), "check created the file");
+        // A bare file name lives in the current directory.
+        assert!(ConsoleSink::check(&file("serial.log")).is_ok());
+        let nowhere = dir.as_path().join("no-such-dir/serial.log");
+        let err = ConsoleSink::check(&file(nowhere.to_str().unwrap())).unwrap_err();
+        assert!(err.to_string().contains("no-such-dir"), "{err}");
+        let no_path = ConsoleConfig {
+            mode: ConsoleMode::File,
+            file: None,
+        };
+        assert!(matches!(
+            ConsoleSink::check(&no_path),
+            Err(ConsoleError::NoFile)
+        ));
+        for mode in [ConsoleMode::Off, ConsoleMode::Null, ConsoleMode::Tty] {
+            assert!(ConsoleSink::check(&ConsoleConfig { mode, file: None }).is_ok());
+        }
+    }
+
+    #[test]
+    fn open_empties_an_existing_output_file() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let log = dir.as_path().join("serial.log");
+        std::fs::write(&log, "the last VM's output\n").unwrap();
+        let sink = ConsoleSink::open(&file(log.to_str().unwrap())).unwrap();
+        assert!(matches!(sink, ConsoleSink::File(_)));
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
     }
 }

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use api::config::VmConfig;
+use api::config::{ConsoleConfig, ConsoleMode, VmConfig};
 use api::{
     ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, VmInfo, VmState, VmmPingResponse,
 };
@@ -42,7 +42,9 @@ pub enum VmmExit {
 struct Instance {
     config: VmConfig,
     state: VmState,
-    consoles: Consoles,
+    /// Opened (their files created or emptied) by the first build, then
+    /// kept: a rebooted guest writes on where it left off.
+    consoles: Option<Consoles>,
     /// Disk images `vm.create` opened (and locked), for the first build.
     disks: Vec<Box<dyn DiskImage>>,
     vm: Option<Vm>,
@@ -66,8 +68,12 @@ impl VmBuilder {
         let size = inst.config.memory.size;
         let core = self.spare.take(&self.kvm, size)?;
         self.last_size = size;
+        let consoles = match &mut inst.consoles {
+            Some(consoles) => consoles,
+            first => first.insert(Consoles::open(&inst.config.serial, &inst.config.console)?),
+        };
         let host = HostEnds {
-            consoles: &inst.consoles,
+            consoles,
             disks: std::mem::take(&mut inst.disks),
         };
         Vm::new(core, &self.cpuid, &inst.config, host, self.events.clone())
@@ -302,18 +308,16 @@ impl ControlLoop {
         config.name_devices();
         crate::host::check_fits(&config).map_err(ApiError::BadRequest)?;
         let disks = Vm::prepare(&config).map_err(vm_api_error)?;
-        let consoles = Consoles::open(&config.serial, &config.console)
+        Consoles::check(&config.serial, &config.console)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        consoles
-            .truncate()
-            .map_err(|e| ApiError::Internal(format!("cannot empty a console output file: {e}")))?;
-        if consoles.use_terminal() {
-            self.attach_terminal(consoles.serial.reads_stdin());
+        let tty = |c: &ConsoleConfig| c.mode == ConsoleMode::Tty;
+        if tty(&config.serial) || tty(&config.console) {
+            self.attach_terminal(tty(&config.serial));
         }
         self.instance = Some(Instance {
             config,
             state: VmState::Created,
-            consoles,
+            consoles: None,
             disks,
             vm: None,
             build_failed: false,

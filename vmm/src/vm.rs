@@ -13,7 +13,7 @@ use virtio_devices::pci::root::PCI_CONFIG_ADDRESS_PORT;
 
 use crate::boot::{self, BootError, Payload};
 use crate::coalesced_pio::CoalescedPio;
-use crate::console::Consoles;
+use crate::console::{ConsoleError, Consoles};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vcpu::VcpuThreads;
@@ -42,6 +42,8 @@ pub enum VmError {
     Cpu(#[from] CpuError),
     #[error(transparent)]
     Devices(#[from] DeviceError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
     #[error("cannot open a console's output: {0}")]
     ConsoleOutput(std::io::Error),
     #[error("cannot start vCPU threads: {0}")]
@@ -56,7 +58,10 @@ impl VmError {
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            VmError::Boot(_) | VmError::NoKernel | VmError::Devices(DeviceError::Config(_))
+            VmError::Boot(_)
+                | VmError::NoKernel
+                | VmError::Console(_)
+                | VmError::Devices(DeviceError::Config(_))
         )
     }
 }
