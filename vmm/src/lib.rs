@@ -15,6 +15,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod prefault;
 pub mod spare_vm;
 pub mod vcpu;
 pub mod vm;

@@ -16,6 +16,7 @@ use crate::coalesced_pio::CoalescedPio;
 use crate::console::{ConsoleError, Consoles};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::prefault::Prefault;
 use crate::vcpu::VcpuThreads;
 use crate::x86::{self, CpuError};
 
@@ -82,6 +83,7 @@ pub struct Vm {
     // Field order is drop order: vCPU threads stop first, memory goes before
     // the VM fd.
     threads: Threads,
+    _prefault: Prefault,
     coalesced: Option<Arc<CoalescedPio>>,
     devices: DeviceManager,
     events: VmEventSender,
@@ -178,7 +180,7 @@ impl Vm {
         } = core;
         let fd = Arc::new(fd);
         let parts = Self::build(&fd, &memory, vcpu0, cpuid, config, host, &events);
-        let (vcpus, devices) = match parts {
+        let (vcpus, devices, prefault) = match parts {
             Ok(parts) => parts,
             Err(e) => {
                 // A bad kernel or disk must not keep the caller waiting for
@@ -190,6 +192,7 @@ impl Vm {
         };
         Ok(Vm {
             threads: Threads::Ready(vcpus),
+            _prefault: prefault,
             coalesced: coalesced.map(Arc::new),
             devices,
             events,
@@ -216,7 +219,7 @@ impl Vm {
         config: &VmConfig,
         host: HostEnds,
         events: &VmEventSender,
-    ) -> Result<(Vec<VcpuFd>, DeviceManager), VmError> {
+    ) -> Result<(Vec<VcpuFd>, DeviceManager, Prefault), VmError> {
         let started = std::time::Instant::now();
         let serial_out = host
             .consoles
@@ -229,7 +232,7 @@ impl Vm {
         let cpus = &config.cpus;
         let rsdp = crate::acpi::create_acpi_tables(mem, cpus.boot_vcpus, cpus.max_vcpus)?;
         crate::mptable::write_mptable(mem, cpus.boot_vcpus)?;
-        let entry = boot::load_payload(mem, &payload(config)?, rsdp)?;
+        let (entry, prefault) = boot::load_payload(mem, &payload(config)?, rsdp)?;
 
         let mut vcpus = Vec::with_capacity(usize::from(cpus.boot_vcpus));
         vcpus.push(vcpu0);
@@ -252,7 +255,7 @@ impl Vm {
             cpus.boot_vcpus,
             config.memory.size >> 20
         );
-        Ok((vcpus, devices))
+        Ok((vcpus, devices, prefault))
     }
 
     /// Starts the vCPU threads; the guest runs from here on.
@@ -293,13 +296,14 @@ impl Vm {
     pub fn dispose(self) {
         let Vm {
             threads,
+            _prefault,
             coalesced,
             devices,
             events,
             memory,
             fd,
         } = self;
-        drop((threads, coalesced, devices, events, memory));
+        drop((threads, _prefault, coalesced, devices, events, memory));
         close_in_background(fd);
     }
 

@@ -1,6 +1,7 @@
 //! Loading a guest payload: the kernel (PVH ELF or bzImage), the initramfs and
 //! the command line, plus the memory map each boot protocol hands the guest.
 
+pub mod footprint;
 pub mod linux;
 pub mod pvh;
 
@@ -16,6 +17,8 @@ use crate::layout::{
     PCI_MMCONFIG_SIZE, PCI_MMCONFIG_START,
 };
 use crate::memory::GuestMemoryMmap;
+use crate::prefault::Prefault;
+use footprint::Footprint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -93,23 +96,36 @@ pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
 }
 
 /// Loads kernel, command line and initramfs; says how to enter the kernel.
+/// The pages they go to are faulted in on another thread meanwhile; the
+/// returned handle stops that when dropped.
 pub fn load_payload(
     mem: &GuestMemoryMmap,
     payload: &Payload,
     rsdp: GuestAddress,
-) -> Result<EntryPoint, BootError> {
+) -> Result<(EntryPoint, Prefault), BootError> {
     let cmdline = write_cmdline(mem, payload.cmdline)?;
     let path = payload.kernel;
     let mut file = open_kernel(path)?;
-    match Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START))) {
+    let initramfs = payload.initramfs.map(Initramfs::open).transpose()?;
+    let footprint = Footprint::of(&file);
+    // The initramfs is loaded last, so it is faulted in first.
+    let initrd_range = initramfs.as_ref().and_then(|i| {
+        let addr = initramfs_addr(mem, i.size, footprint.initrd_addr_max)?;
+        Some(addr..addr + i.size)
+    });
+    let prefault = Prefault::start(
+        mem,
+        initrd_range.into_iter().chain(footprint.kernel).collect(),
+    );
+    let entry = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START))) {
         Ok(loaded) => {
             let entry = match loaded.pvh_boot_cap {
                 loader::elf::PvhBootCapability::PvhEntryPresent(entry) => entry,
                 _ => return Err(BootError::NoPvhEntry(path.to_path_buf())),
             };
-            let initrd = load_initramfs(mem, payload.initramfs, loaded.kernel_end, u64::MAX)?;
+            let initrd = load_initramfs(mem, initramfs, loaded.kernel_end, u64::MAX)?;
             pvh::write_start_info(mem, cmdline, initrd, rsdp)?;
-            Ok(EntryPoint::Pvh { entry })
+            EntryPoint::Pvh { entry }
         }
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
             let loaded = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START)))
@@ -125,17 +141,20 @@ pub fn load_payload(
                 return Err(BootError::NotBzImage64(path.to_path_buf()));
             }
             let max = u64::from(header.initrd_addr_max);
-            let initrd = load_initramfs(mem, payload.initramfs, loaded.kernel_end, max)?;
+            let initrd = load_initramfs(mem, initramfs, loaded.kernel_end, max)?;
             linux::write_boot_params(mem, header, cmdline, initrd, rsdp)?;
-            Ok(EntryPoint::Linux64 {
+            EntryPoint::Linux64 {
                 entry: loaded.kernel_load.unchecked_add(linux::ENTRY_64_OFFSET),
+            }
+        }
+        Err(e) => {
+            return Err(BootError::LoadKernel {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
             })
         }
-        Err(e) => Err(BootError::LoadKernel {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }),
-    }
+    };
+    Ok((entry, prefault))
 }
 
 /// The checks of [`load_payload`] that need no guest memory, for `vm.create`
@@ -225,21 +244,28 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<CmdlineRegion, 
     })
 }
 
-/// Puts the initramfs at the top of low RAM (below `max_addr`), page aligned,
-/// above the kernel. Reads straight from the file into guest memory.
-fn load_initramfs(
-    mem: &GuestMemoryMmap,
-    path: Option<&Path>,
-    kernel_end: u64,
-    max_addr: u64,
-) -> Result<Option<InitramfsRegion>, BootError> {
-    let Some(path) = path else { return Ok(None) };
-    let read_err = |source| BootError::ReadInitramfs {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = File::open(path).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
+/// An initramfs file, opened.
+struct Initramfs<'a> {
+    path: &'a Path,
+    file: File,
+    size: u64,
+}
+
+impl<'a> Initramfs<'a> {
+    fn open(path: &'a Path) -> Result<Initramfs<'a>, BootError> {
+        let read_err = |source| BootError::ReadInitramfs {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(read_err)?;
+        let size = file.metadata().map_err(read_err)?.len();
+        Ok(Initramfs { path, file, size })
+    }
+}
+
+/// Where an initramfs of `size` bytes goes: at the top of low RAM (ending at
+/// or below `max_addr`), page aligned.
+fn initramfs_addr(mem: &GuestMemoryMmap, size: u64, max_addr: u64) -> Option<u64> {
     let low_end = mem
         .iter()
         .next()
@@ -247,11 +273,30 @@ fn load_initramfs(
         .unwrap_or(0)
         .min(MMIO_HOLE_START)
         .min(max_addr.saturating_add(1));
+    Some(low_end.checked_sub(size)? & !0xfff)
+}
+
+/// Puts the initramfs at [`initramfs_addr`], above the kernel. Reads
+/// straight from the file into guest memory.
+fn load_initramfs(
+    mem: &GuestMemoryMmap,
+    initramfs: Option<Initramfs>,
+    kernel_end: u64,
+    max_addr: u64,
+) -> Result<Option<InitramfsRegion>, BootError> {
+    let Some(Initramfs {
+        path,
+        mut file,
+        size,
+    }) = initramfs
+    else {
+        return Ok(None);
+    };
     let too_big = || BootError::InitramfsTooBig {
         path: path.to_path_buf(),
         size,
     };
-    let addr = low_end.checked_sub(size).ok_or_else(too_big)? & !0xfff;
+    let addr = initramfs_addr(mem, size, max_addr).ok_or_else(too_big)?;
     if addr < kernel_end {
         return Err(too_big());
     }
