@@ -19,6 +19,10 @@ use crate::memory::GuestMemoryMmap;
 /// Host pages are faulted in this many bytes at a time: one huge page.
 const CHUNK: u64 = 2 << 20;
 
+/// Below this, a thread would cost more than it saves: the loader's and the
+/// guest's own faults wait for at most one huge page.
+const MIN_BYTES: u64 = 2 * CHUNK;
+
 /// A prefault thread at work; dropping the handle stops it at its next chunk.
 pub struct Prefault {
     stop: Arc<AtomicBool>,
@@ -28,9 +32,14 @@ impl Prefault {
     /// Faults in the guest-physical `ranges`, in order, each from its end
     /// down, so that a loader writing a range from its start meets the
     /// thread halfway instead of following it. Parts of a range outside
-    /// guest memory are skipped.
+    /// guest memory are skipped. Ranges of less than [`MIN_BYTES`] in all
+    /// are left to the loader.
     pub fn start(mem: &GuestMemoryMmap, ranges: Vec<Range<u64>>) -> Prefault {
         let stop = Arc::new(AtomicBool::new(false));
+        let bytes: u64 = ranges.iter().map(|r| r.end.saturating_sub(r.start)).sum();
+        if bytes < MIN_BYTES {
+            return Prefault { stop };
+        }
         let (mem, flag) = (mem.clone(), stop.clone());
         let spawned = std::thread::Builder::new()
             .name("kite-prefault".into())
@@ -112,6 +121,10 @@ mod tests {
     #[test]
     fn faults_in_the_ranges_and_nothing_else() {
         let mem = crate::memory::create_guest_memory(32 << 20, false).unwrap();
+        // A few bytes are not worth a thread (had one started, it would be
+        // done by the time the one below is).
+        let small = std::iter::once((16 << 20)..(16 << 20) + 0x30);
+        let _small = Prefault::start(&mem, small.collect());
         let prefault = Prefault::start(&mem, vec![(4 << 20)..(9 << 20), (30 << 20)..(40 << 20)]);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !(resident(&mem, 4 << 20) && resident(&mem, 31 << 20)) {
@@ -128,7 +141,7 @@ mod tests {
         ] {
             assert!(resident(&mem, addr), "{addr:#x} not faulted in");
         }
-        for addr in [0, (4 << 20) - 4096, 9 << 20, 20 << 20] {
+        for addr in [0, (4 << 20) - 4096, 9 << 20, 16 << 20, 20 << 20] {
             assert!(!resident(&mem, addr), "{addr:#x} faulted in");
         }
     }
