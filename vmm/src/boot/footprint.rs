@@ -119,17 +119,8 @@ fn bzimage(file: &File, hdr: &[u8]) -> Option<Footprint> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
-    use vmm_sys_util::tempfile::TempFile;
-
     use super::*;
-
-    fn file_with(bytes: &[u8]) -> TempFile {
-        let file = TempFile::new().unwrap();
-        file.as_file().write_all(bytes).unwrap();
-        file
-    }
+    use crate::boot::tests::file_with;
 
     fn put(b: &mut [u8], at: usize, v: &[u8]) {
         b[at..at + v.len()].copy_from_slice(v);

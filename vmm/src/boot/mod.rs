@@ -316,7 +316,8 @@ mod tests {
 
     use super::*;
 
-    fn file_with(bytes: &[u8]) -> TempFile {
+    /// A temporary file holding `bytes`.
+    pub(super) fn file_with(bytes: &[u8]) -> TempFile {
         let file = TempFile::new().unwrap();
         file.as_file().write_all(bytes).unwrap();
         file
