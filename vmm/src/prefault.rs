@@ -18,6 +18,7 @@ use crate::memory::GuestMemoryMmap;
 
 /// Host pages are faulted in this many bytes at a time: one huge page.
 const CHUNK: u64 = 2 << 20;
+const PAGE: u64 = 4096;
 
 /// Below this, a thread would cost more than it saves: the loader's and the
 /// guest's own faults wait for at most one huge page.
@@ -66,8 +67,9 @@ fn populate(mem: &GuestMemoryMmap, ranges: &[Range<u64>], stop: &AtomicBool) {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            // Down to the chunk boundary below `end`, not past the range.
-            let start = ((end - 1) & !(CHUNK - 1)).max(range.start);
+            // Down to the chunk boundary below `end`, not past the range
+            // but to its page (madvise takes whole pages).
+            let start = ((end - 1) & !(CHUNK - 1)).max(range.start) & !(PAGE - 1);
             if let Err(e) = populate_chunk(mem, start..end) {
                 log::debug!("prefault stopped at {start:#x}: {e}");
                 return;
@@ -125,9 +127,13 @@ mod tests {
         // done by the time the one below is).
         let small = std::iter::once((16 << 20)..(16 << 20) + 0x30);
         let _small = Prefault::start(&mem, small.collect());
-        let prefault = Prefault::start(&mem, vec![(4 << 20)..(9 << 20), (30 << 20)..(40 << 20)]);
+        // Payload ranges need not start on a page.
+        let ranges = vec![(4 << 20)..(9 << 20), (30 << 20) + 0x123..(40 << 20)];
+        let prefault = Prefault::start(&mem, ranges);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !(resident(&mem, 4 << 20) && resident(&mem, 31 << 20)) {
+        // The last page the thread faults in (the last range, its lowest
+        // chunk, whose pages madvise takes in ascending order).
+        while !resident(&mem, (32 << 20) - 4096) {
             assert!(std::time::Instant::now() < deadline, "not faulted in");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
