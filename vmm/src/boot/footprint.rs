@@ -11,9 +11,16 @@ use crate::layout::HIGH_RAM_START;
 
 /// ELF program headers beyond this many are not looked at.
 const MAX_PHDRS: u64 = 64;
+/// ELF64 header and program header fields.
+const E_PHOFF: usize = 0x20;
+const E_PHENTSIZE: usize = 0x36;
+const E_PHNUM: usize = 0x38;
+const P_PADDR: usize = 0x18;
+const P_MEMSZ: usize = 0x28;
 const PT_LOAD: u32 = 1;
 /// Setup header fields (Documentation/arch/x86/boot.rst).
 const SETUP_SECTS: usize = 0x1f1;
+const HDR_MAGIC: usize = 0x202;
 const HDR_VERSION: usize = 0x206;
 const INITRD_ADDR_MAX: usize = 0x22c;
 const PREF_ADDRESS: usize = 0x258;
@@ -70,10 +77,10 @@ fn elf_segments(file: &File, ehdr: &[u8]) -> Vec<Range<u64>> {
         if ehdr.get(4..6)? != [2, 1] {
             return None;
         }
-        let phoff = u64_at(ehdr, 0x20)?;
-        let phentsize = u64::from(u16_at(ehdr, 0x36)?);
-        let phnum = u64::from(u16_at(ehdr, 0x38)?).min(MAX_PHDRS);
-        if phentsize < 0x30 {
+        let phoff = u64_at(ehdr, E_PHOFF)?;
+        let phentsize = u64::from(u16_at(ehdr, E_PHENTSIZE)?);
+        let phnum = u64::from(u16_at(ehdr, E_PHNUM)?).min(MAX_PHDRS);
+        if phentsize < (P_MEMSZ + 8) as u64 {
             return None;
         }
         let mut phdrs = vec![0u8; (phentsize * phnum) as usize];
@@ -82,8 +89,8 @@ fn elf_segments(file: &File, ehdr: &[u8]) -> Vec<Range<u64>> {
             .chunks_exact(phentsize as usize)
             .filter(|ph| u32_at(ph, 0) == Some(PT_LOAD))
             .filter_map(|ph| {
-                let paddr = u64_at(ph, 0x18)?;
-                Some(paddr..paddr.checked_add(u64_at(ph, 0x28)?)?)
+                let paddr = u64_at(ph, P_PADDR)?;
+                Some(paddr..paddr.checked_add(u64_at(ph, P_MEMSZ)?)?)
             })
             .collect();
         segments.reverse();
@@ -95,7 +102,7 @@ fn elf_segments(file: &File, ehdr: &[u8]) -> Vec<Range<u64>> {
 /// A bzImage is loaded at [`HIGH_RAM_START`] and decompresses itself to
 /// its preferred address (2.10+ headers say where and how much it needs).
 fn bzimage(file: &File, hdr: &[u8]) -> Option<Footprint> {
-    if hdr.get(0x202..0x206)? != b"HdrS" {
+    if hdr.get(HDR_MAGIC..HDR_MAGIC + 4)? != b"HdrS" {
         return None;
     }
     // A setup_sects of 0 means 4.
@@ -110,7 +117,7 @@ fn bzimage(file: &File, hdr: &[u8]) -> Option<Footprint> {
         let pref = u64_at(hdr, PREF_ADDRESS)?.max(HIGH_RAM_START);
         kernel.push(pref..pref.checked_add(u64::from(u32_at(hdr, INIT_SIZE)?))?);
     }
-    kernel.push(HIGH_RAM_START..HIGH_RAM_START + image);
+    kernel.push(HIGH_RAM_START..HIGH_RAM_START.saturating_add(image));
     Some(Footprint {
         kernel,
         initrd_addr_max: u64::from(u32_at(hdr, INITRD_ADDR_MAX)?),
@@ -130,9 +137,9 @@ mod tests {
     fn elf_segments_last_first() {
         let mut elf = vec![0u8; 64 + 3 * 56];
         put(&mut elf, 0, b"\x7fELF\x02\x01");
-        put(&mut elf, 0x20, &64u64.to_le_bytes());
-        put(&mut elf, 0x36, &56u16.to_le_bytes());
-        put(&mut elf, 0x38, &3u16.to_le_bytes());
+        put(&mut elf, E_PHOFF, &64u64.to_le_bytes());
+        put(&mut elf, E_PHENTSIZE, &56u16.to_le_bytes());
+        put(&mut elf, E_PHNUM, &3u16.to_le_bytes());
         for (i, (ty, paddr, memsz)) in [
             (1u32, 0x100_0000u64, 0x20_0000u64),
             (4, 0, 0x100),
@@ -143,8 +150,8 @@ mod tests {
         {
             let ph = 64 + i * 56;
             put(&mut elf, ph, &ty.to_le_bytes());
-            put(&mut elf, ph + 0x18, &paddr.to_le_bytes());
-            put(&mut elf, ph + 0x28, &memsz.to_le_bytes());
+            put(&mut elf, ph + P_PADDR, &paddr.to_le_bytes());
+            put(&mut elf, ph + P_MEMSZ, &memsz.to_le_bytes());
         }
         let file = file_with(&elf);
         let fp = Footprint::of(file.as_file());
@@ -154,7 +161,7 @@ mod tests {
         );
         assert_eq!(fp.initrd_addr_max, u64::MAX);
         // A segment that wraps around is left out, not trusted.
-        put(&mut elf, 64 + 0x28, &u64::MAX.to_le_bytes());
+        put(&mut elf, 64 + P_MEMSZ, &u64::MAX.to_le_bytes());
         let file = file_with(&elf);
         assert_eq!(
             Footprint::of(file.as_file()).kernel,
@@ -166,7 +173,7 @@ mod tests {
     fn bzimage_image_and_decompression_range() {
         let mut bz = vec![0u8; 0x2000];
         put(&mut bz, SETUP_SECTS, &[3]);
-        put(&mut bz, 0x202, b"HdrS");
+        put(&mut bz, HDR_MAGIC, b"HdrS");
         put(&mut bz, HDR_VERSION, &0x20fu16.to_le_bytes());
         put(&mut bz, INITRD_ADDR_MAX, &0x7fff_ffffu32.to_le_bytes());
         put(&mut bz, PREF_ADDRESS, &0x100_0000u64.to_le_bytes());
