@@ -55,8 +55,9 @@ struct Instance {
 /// Builds VMs on KVM, from a spare core when there is one.
 struct VmBuilder {
     kvm: Arc<Kvm>,
-    /// What KVM supports, read once per process.
-    cpuid: CpuId,
+    /// What KVM supports, read once per process at the first build: it takes
+    /// KVM half a millisecond, which the API socket need not wait for.
+    cpuid: Option<CpuId>,
     spare: SpareVm,
     /// Memory size of the last VM built: the likely size of the next.
     last_size: u64,
@@ -65,6 +66,10 @@ struct VmBuilder {
 
 impl VmBuilder {
     fn build(&mut self, inst: &mut Instance) -> Result<Vm, VmError> {
+        let cpuid = match &mut self.cpuid {
+            Some(cpuid) => cpuid,
+            none => none.insert(crate::x86::cpuid::supported_cpuid(&self.kvm)?),
+        };
         let size = inst.config.memory.size;
         let core = self.spare.take(&self.kvm, size)?;
         self.last_size = size;
@@ -76,7 +81,7 @@ impl VmBuilder {
             consoles,
             disks: std::mem::take(&mut inst.disks),
         };
-        Vm::new(core, &self.cpuid, &inst.config, host, self.events.clone())
+        Vm::new(core, cpuid, &inst.config, host, self.events.clone())
     }
 }
 
@@ -101,7 +106,6 @@ impl ControlLoop {
         exit_with_guest: bool,
     ) -> Result<ControlLoop, VmmError> {
         let kvm = Arc::new(Kvm::new().map_err(VmmError::Kvm)?);
-        let cpuid = crate::x86::cpuid::supported_cpuid(&kvm).map_err(VmmError::Cpuid)?;
         crate::vcpu::register_kick_signal().map_err(VmmError::Signal)?;
         let epoll = Epoll::new().map_err(VmmError::Epoll)?;
         let event_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Epoll)?);
@@ -122,7 +126,7 @@ impl ControlLoop {
         Ok(ControlLoop {
             builder: VmBuilder {
                 kvm,
-                cpuid,
+                cpuid: None,
                 spare: SpareVm::default(),
                 last_size: api::config::DEFAULT_MEMORY_SIZE,
                 events,

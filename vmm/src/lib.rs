@@ -36,8 +36,6 @@ pub enum VmmError {
     Kvm(kvm_ioctls::Error),
     #[error("cannot set up the control loop's event polling: {0}")]
     Epoll(std::io::Error),
-    #[error("cannot read KVM's supported CPUID: {0}")]
-    Cpuid(x86::CpuError),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(std::io::Error),
     #[error("cannot start the control loop thread: {0}")]
